@@ -1,0 +1,27 @@
+"""The workloads fastcount serves. `build_features` is the one place a feature is registered with a worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from fastcount.features.health import HealthFeature
+from fastcount.features.increment import IncrementFeature, PendingCounts
+from fastcount.server.routing import Route
+from fastcount.settings import Settings
+from fastcount.store.flusher import FlushBuffer, Flusher
+
+
+@dataclass
+class Features:
+    routes: list[Route]
+    buffers: list[FlushBuffer]
+
+
+def build_features(settings: Settings, flusher: Flusher, read_pool: AsyncConnectionPool[Any]) -> Features:
+    pending_counts = PendingCounts(settings.max_pending_keys, settings.flush_max_keys, flusher.request_flush)
+    increment = IncrementFeature(pending_counts, read_pool)
+    health = HealthFeature(read_pool, lambda: pending_counts.backlog_keys() >= settings.max_pending_keys)
+    return Features(routes=[*increment.routes(), *health.routes()], buffers=[pending_counts])

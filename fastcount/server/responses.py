@@ -1,0 +1,95 @@
+"""HTTP responses: the Response value handlers return, and the renderer that turns it into wire bytes.
+
+Constant responses (the 202 of every increment) are rendered once per second, when the cached Date header changes,
+and then served as ready bytes; everything else is rendered on demand. The renderer owns no socket.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+
+import orjson
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # eq=False: hashed by identity, a cheap cache key
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: bytes = b""
+    headers: Headers = ()
+    cacheable: bool = False  # a constant the renderer may keep as bytes until the Date header changes
+
+
+def json_response(status: int, document: object, headers: Headers = (), cacheable: bool = False) -> Response:
+    return Response(status, orjson.dumps(document), b"application/json", headers, cacheable)
+
+
+def constant_error(status: int, message: str, headers: Headers = ()) -> Response:
+    """An error answer built once, at import or start-up; the renderer keeps its bytes."""
+    return json_response(status, {"error": message}, headers, cacheable=True)
+
+
+def error_response(status: int, message: str) -> Response:
+    """An error answer whose message depends on the request; rendered each time."""
+    return json_response(status, {"error": message})
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))
+
+
+STATUS_LINES = {status.value: _status_line(status.value) for status in HTTPStatus}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ResponseRenderer:
+    """Renders responses with a Date header refreshed once per second by `tick`."""
+
+    __slots__ = ("_close_cache", "_current_second", "_keep_alive_cache", "date_line")
+
+    def __init__(self) -> None:
+        self._keep_alive_cache: dict[Response, bytes] = {}
+        self._close_cache: dict[Response, bytes] = {}
+        self._current_second = -1
+        self.date_line = b""
+        self.tick()
+
+    def tick(self) -> None:
+        second = int(time.time())
+        if second != self._current_second:
+            self._current_second = second
+            self.date_line = b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
+            self._keep_alive_cache.clear()
+            self._close_cache.clear()
+
+    def render_cached(self, response: Response, keep_alive: bool) -> bytes:
+        """For the few constant responses the hot path returns; others would only fill the cache."""
+        cache = self._keep_alive_cache if keep_alive else self._close_cache
+        data = cache.get(response)
+        if data is None:
+            data = cache[response] = self.render(response, keep_alive)
+        return data
+
+    def render(self, response: Response, keep_alive: bool, http10_keep_alive: bool = False) -> bytes:
+        status_line = STATUS_LINES.get(response.status) or _status_line(response.status)
+        parts = [status_line, self.date_line, b"Content-Length: %d\r\n" % len(response.body)]
+        if response.content_type:
+            parts.append(b"Content-Type: " + response.content_type + b"\r\n")
+        for name, value in response.headers:
+            parts.append(name + b": " + value + b"\r\n")
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif http10_keep_alive:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        parts.append(response.body)
+        return b"".join(parts)

@@ -1,0 +1,126 @@
+"""One worker process: a uvloop event loop serving the listening socket its slot inherited, plus the flusher.
+
+It tells the master over a pipe when it serves ("R") and that it lives (a heartbeat byte each tick). SIGTERM means
+stop gracefully: stop accepting, answer what is in flight, close quiet connections, flush everything, exit 0. It
+ignores SIGINT: a Ctrl-C reaches the whole process group, and the master turns it into an orderly SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import uvloop
+from psycopg_pool import AsyncConnectionPool
+
+from fastcount.features import build_features
+from fastcount.observability.stats import WorkerStats
+from fastcount.server.protocol import ConnectionLimits, HttpProtocol, ServerState
+from fastcount.server.routing import Router
+from fastcount.settings import Settings
+from fastcount.store.flusher import Flusher, writer_identity
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CRASHED = 1
+EXIT_BOOT_ERROR = 3  # failed before serving: the master stops rather than respawn into a crash loop
+MSG_READY = b"R"
+MSG_HEARTBEAT = b"."
+
+
+class Worker:
+    def __init__(self, slot: int, sock: socket.socket, settings: Settings, dsn: str, master_pipe: int) -> None:
+        self.slot = slot
+        self.sock = sock
+        self.settings = settings
+        self.dsn = dsn
+        self.master_pipe = master_pipe
+        self.master_pid = os.getppid()
+        self.ready = False
+        self.stop_requested: asyncio.Event | None = None
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(self._serve())
+        except Exception:
+            log.exception("event=worker_failed slot=%d ready=%s", self.slot, self.ready)
+            return EXIT_CRASHED if self.ready else EXIT_BOOT_ERROR
+        finally:
+            loop.close()
+
+    async def _serve(self) -> int:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        self.stop_requested = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
+
+        stats = WorkerStats()
+        flusher = Flusher(self.dsn, [], settings.flush_interval, writer_identity(self.slot), stats)
+        read_pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            self.dsn,
+            min_size=1,
+            max_size=2,
+            open=False,
+            timeout=2.0,
+            kwargs={"autocommit": True, "connect_timeout": 5},
+            check=AsyncConnectionPool.check_connection,
+        )
+        await read_pool.open(wait=False)
+        features = build_features(settings, flusher, read_pool)
+        flusher.buffers = features.buffers
+
+        limits = ConnectionLimits(
+            max_body=settings.max_body,
+            max_header_bytes=settings.max_header_bytes,
+            keepalive_ticks=max(1, math.ceil(settings.keepalive_timeout)),
+            read_ticks=max(1, math.ceil(settings.read_timeout)),
+        )
+        state = ServerState(Router(features.routes), limits, stats)
+        # backlog= matters: without it asyncio (and uvloop) re-listen the inherited socket with a backlog of 100.
+        server = await loop.create_server(lambda: HttpProtocol(state), sock=self.sock, backlog=settings.backlog)
+        flush_task = asyncio.create_task(flusher.run(), name="flusher")
+        tick_task = asyncio.create_task(self._tick(state), name="tick")
+        self.ready = True
+        self._tell_master(MSG_READY)
+        log.info("event=worker_serving slot=%d", self.slot)
+
+        await self.stop_requested.wait()
+        log.info("event=worker_stopping slot=%d connections=%d", self.slot, len(state.connections))
+        state.stopping = True
+        server.close()  # closes only this process's copy of the socket: the master's and a successor's stay open
+        while state.connections:  # the tick closes each connection once it has answered or gone quiet
+            await asyncio.sleep(0.05)
+        await flusher.stop(flush_task)
+        tick_task.cancel()
+        await read_pool.close()
+        log.info("event=worker_stopped slot=%d requests=%d flushes=%d", self.slot, stats.requests, stats.flushes)
+        return EXIT_OK
+
+    async def _tick(self, state: ServerState) -> None:
+        """Once a second, on the second: refresh the Date header, enforce timeouts, prove liveness."""
+        while True:
+            await asyncio.sleep(1.0 - time.time() % 1.0)
+            state.tick += 1
+            state.renderer.tick()
+            for connection in list(state.connections):
+                connection.on_tick(state.tick)
+            self._tell_master(MSG_HEARTBEAT)
+            if os.getppid() != self.master_pid and self.stop_requested is not None:
+                log.warning("event=master_gone slot=%d", self.slot)
+                self.stop_requested.set()
+
+    def _tell_master(self, message: bytes) -> None:
+        try:
+            os.write(self.master_pipe, message)
+        except (BlockingIOError, BrokenPipeError):
+            pass  # a full pipe means the master is busy, a broken one that it is gone; neither should stop serving

@@ -1,0 +1,77 @@
+"""Every knob of fastcount in one frozen dataclass.
+
+Each field carries its default, its FASTCOUNT_* environment variable, its command-line help and its check, so the
+CLI, the env example and the README all derive from this one table. This module reads the environment; it does not
+parse argv (cli.py does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "FASTCOUNT_"
+
+
+def _knob(default: Any, help: str, *, minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _knob("0.0.0.0", "address to listen on")
+    port: int = _knob(3333, "TCP port of the API", minimum=0)
+    workers: int = _knob(os.cpu_count() or 1, "worker processes (default: number of CPUs)", minimum=1)
+    dsn: str = _knob("", "PostgreSQL connection string; empty starts the embedded PostgreSQL under --data-dir")
+    data_dir: str = _knob("./.fastcount", "directory of the embedded PostgreSQL cluster (used when --dsn is empty)")
+    flush_interval: float = _knob(1.0, "seconds between flushes of each worker's pending counts", minimum=0.01)
+    flush_max_keys: int = _knob(50_000, "distinct pending keys that trigger an early flush", minimum=1)
+    max_pending_keys: int = _knob(
+        1_000_000, "pending keys per worker (unflushed + in retry) past which new keys get 503", minimum=1
+    )
+    max_body: int = _knob(65_536, "largest request body in bytes; larger gets 413", minimum=1)
+    max_header_bytes: int = _knob(8_192, "largest request line + header section in bytes; larger gets 431", minimum=256)
+    keepalive_timeout: float = _knob(5.0, "seconds an idle keep-alive connection is kept open", minimum=1)
+    read_timeout: float = _knob(10.0, "seconds a client may take to send one request's headers and body", minimum=1)
+    graceful_timeout: float = _knob(
+        30.0, "seconds the master waits for workers to finish on stop, then kills", minimum=0
+    )
+    backlog: int = _knob(4096, "listen backlog of each worker socket (capped by net.core.somaxconn)", minimum=1)
+    log_level: str = _knob("info", "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            minimum = spec.metadata["minimum"]
+            value = getattr(self, spec.name)
+            if minimum is not None and value < minimum:
+                raise ValueError(f"{spec.name} must be >= {minimum}, got {value}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.flush_max_keys > self.max_pending_keys:
+            raise ValueError("flush_max_keys must not exceed max_pending_keys")
+
+    @staticmethod
+    def env_name(field_name: str) -> str:
+        return ENV_PREFIX + field_name.upper()
+
+    @classmethod
+    def from_sources(cls, overrides: dict[str, Any], environ: dict[str, str] | None = None) -> Settings:
+        """Defaults, then FASTCOUNT_* variables, then explicit overrides (command-line flags) win."""
+        environ = dict(os.environ) if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in dataclasses.fields(cls):
+            raw = environ.get(cls.env_name(spec.name))
+            if raw is not None:
+                values[spec.name] = _convert(spec, raw)
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+def _convert(spec: dataclasses.Field[Any], raw: str) -> Any:
+    kind = type(spec.default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{Settings.env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None

@@ -1,0 +1,198 @@
+"""The embedded PostgreSQL: a private cluster under --data-dir, used when no DSN is given.
+
+Binaries come from the `pgserver` wheel when installed, else from `pg_config --bindir` or PATH. The cluster listens
+on 127.0.0.1 only, on a port remembered in the data directory. This module starts and stops that server; schema and
+queries live in database.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "no PostgreSQL server binaries found: install the 'pgserver' wheel (pip install pgserver, Python <= 3.12), "
+    "or PostgreSQL itself (Debian: apt-get install postgresql), or pass --dsn to use an existing server"
+)
+SERVICE_USER = "fastcount-pg"  # who runs postgres when we are root: initdb and postgres refuse to run as root
+PORT_FILE = "fastcount.port"
+
+
+class EmbeddedPostgresError(RuntimeError):
+    pass
+
+
+def find_bindir() -> Path:
+    spec = importlib.util.find_spec("pgserver")  # locate without importing: its import has side effects
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).parent / "pginstall" / "bin"
+        if (candidate / "pg_ctl").exists():
+            return candidate
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+        if bindir and (Path(bindir) / "pg_ctl").exists() and (Path(bindir) / "initdb").exists():
+            return Path(bindir)
+    found = shutil.which("pg_ctl")
+    if found and (Path(found).parent / "initdb").exists():
+        return Path(found).parent
+    raise EmbeddedPostgresError(INSTALL_HINT)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.pgdata = self.data_dir / "pgdata"
+        self.bindir = find_bindir()
+        self.port = 0
+        self._run_as: str | None = None
+        if os.geteuid() == 0:
+            self._run_as = self._ensure_service_user()
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> str:
+        """Create the cluster if needed and start it; returns the DSN. Reuses a server already running there."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb()
+        running_port = self._running_port()
+        if running_port:
+            self.port = running_port
+            log.info("event=embedded_postgres_reused data_dir=%s dsn=%s", self.pgdata, self.dsn)
+            return self.dsn
+        self.port = self._choose_port()
+        (self.data_dir / PORT_FILE).write_text(str(self.port))
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
+        # A session of its own: a Ctrl-C for fastcount must not also shut PostgreSQL down under the final flush.
+        self._pg_ctl(
+            "-w", "-t", "60", "-l", str(self.pgdata / "postgres.log"), "-o", options, "start", new_session=True
+        )
+        log.info("event=embedded_postgres_started data_dir=%s dsn=%s", self.pgdata, self.dsn)
+        return self.dsn
+
+    def stop(self) -> None:
+        if self._running_port():
+            self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
+            log.info("event=embedded_postgres_stopped data_dir=%s", self.pgdata)
+
+    def _choose_port(self) -> int:
+        remembered = self.data_dir / PORT_FILE
+        if self.port:
+            return self.port
+        if remembered.exists():
+            port = int(remembered.read_text().strip() or 0)
+            if port and _port_is_free(port):
+                return port
+        return _free_port()
+
+    def _running_port(self) -> int:
+        """The port of a live postmaster for this data directory, or 0."""
+        pid_file = self.pgdata / "postmaster.pid"
+        if not pid_file.exists():
+            return 0
+        status = subprocess.run(
+            self._command("pg_ctl", "-D", str(self.pgdata), "status"), capture_output=True, text=True
+        )
+        if status.returncode != 0:
+            return 0
+        lines = pid_file.read_text().splitlines()
+        return int(lines[3]) if len(lines) > 3 and lines[3].strip().isdigit() else 0
+
+    def _initdb(self) -> None:
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        self._hand_over(self.pgdata)
+        log.info("event=embedded_postgres_initdb data_dir=%s", self.pgdata)
+        result = subprocess.run(
+            self._command(
+                "initdb",
+                "-D",
+                str(self.pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-instructions",
+            ),
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(f"initdb failed in {self.pgdata}: {result.stderr.strip()}")
+
+    def _pg_ctl(self, *args: str, new_session: bool = False) -> None:
+        # Output goes to files, not pipes: the postmaster inherits pg_ctl's stdout, and a pipe would never close.
+        with tempfile.TemporaryFile("w+") as output:
+            result = subprocess.run(
+                self._command("pg_ctl", "-D", str(self.pgdata), *args),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=new_session,
+            )
+            output.seek(0)
+            message = output.read()
+        if result.returncode != 0:
+            log_file = self.pgdata / "postgres.log"
+            tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+            raise EmbeddedPostgresError(f"pg_ctl {args[-1]} failed: {message.strip()}\n{tail}")
+
+    def _command(self, program: str, *args: str) -> list[str]:
+        command = [str(self.bindir / program), *args]
+        if self._run_as:
+            return ["runuser", "-u", self._run_as, "--", *command]
+        return command
+
+    def _ensure_service_user(self) -> str:
+        for name in ("postgres", SERVICE_USER):
+            try:
+                pwd.getpwnam(name)
+                return name
+            except KeyError:
+                continue
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
+            check=True,
+            capture_output=True,
+        )
+        return SERVICE_USER
+
+    def _hand_over(self, path: Path) -> None:
+        """As root, give the cluster directory to the service user and make sure it can reach it."""
+        if not self._run_as:
+            return
+        entry = pwd.getpwnam(self._run_as)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chmod(path, 0o700)
+        for parent in [*path.parents, *self.bindir.parents]:
+            if not os.stat(parent).st_mode & 0o001:
+                raise EmbeddedPostgresError(
+                    f"{parent} is not searchable by user {self._run_as}, who runs the embedded PostgreSQL "
+                    f"as we are root; chmod o+x it or choose another --data-dir"
+                )
