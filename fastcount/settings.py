@@ -35,9 +35,7 @@ class Settings:
     max_header_bytes: int = _knob(8_192, "largest request line + header section in bytes; larger gets 431", minimum=256)
     keepalive_timeout: float = _knob(5.0, "seconds an idle keep-alive connection is kept open", minimum=1)
     read_timeout: float = _knob(10.0, "seconds a client may take to send one request's headers and body", minimum=1)
-    graceful_timeout: float = _knob(
-        30.0, "seconds the master waits for workers to finish on stop, then kills", minimum=0
-    )
+    graceful_timeout: float = _knob(30.0, "seconds the master waits for workers to stop, then kills", minimum=0)
     backlog: int = _knob(4096, "listen backlog of each worker socket (capped by net.core.somaxconn)", minimum=1)
     log_level: str = _knob("info", "debug, info, warning or error")
 
@@ -70,7 +68,7 @@ class Settings:
 
 
 def _convert(spec: dataclasses.Field[Any], raw: str) -> Any:
-    kind = type(spec.default)
+    kind: type = type(spec.default)
     try:
         return kind(raw)
     except ValueError:

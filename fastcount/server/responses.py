@@ -52,32 +52,41 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class ResponseRenderer:
-    """Renders responses with a Date header refreshed once per second by `tick`."""
+    """Renders responses with a Date header refreshed once per second by `tick`.
 
-    __slots__ = ("_close_cache", "_current_second", "_keep_alive_cache", "date_line")
+    Constant responses are cached as [bytes, times served] entries: the hot path counts what it serves by bumping
+    the entry, and `tick` moves those counts into the worker's per-status totals.
+    """
+
+    __slots__ = ("_current_second", "close_cache", "date_line", "keep_alive_cache")
 
     def __init__(self) -> None:
-        self._keep_alive_cache: dict[Response, bytes] = {}
-        self._close_cache: dict[Response, bytes] = {}
+        self.keep_alive_cache: dict[Response, list[bytes | int]] = {}
+        self.close_cache: dict[Response, list[bytes | int]] = {}
         self._current_second = -1
         self.date_line = b""
-        self.tick()
+        self.tick({})
 
-    def tick(self) -> None:
+    def tick(self, served_by_status: dict[int, int]) -> None:
+        for cache in (self.keep_alive_cache, self.close_cache):
+            for response, entry in cache.items():
+                if entry[1]:
+                    served_by_status[response.status] = served_by_status.get(response.status, 0) + int(entry[1])
+                    entry[1] = 0
         second = int(time.time())
         if second != self._current_second:
             self._current_second = second
             self.date_line = b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
-            self._keep_alive_cache.clear()
-            self._close_cache.clear()
+            self.keep_alive_cache.clear()
+            self.close_cache.clear()
 
-    def render_cached(self, response: Response, keep_alive: bool) -> bytes:
-        """For the few constant responses the hot path returns; others would only fill the cache."""
-        cache = self._keep_alive_cache if keep_alive else self._close_cache
-        data = cache.get(response)
-        if data is None:
-            data = cache[response] = self.render(response, keep_alive)
-        return data
+    def cache_entry(self, response: Response, keep_alive: bool) -> list[bytes | int]:
+        """The [bytes, served] entry of a constant response, rendered on first use this second."""
+        cache = self.keep_alive_cache if keep_alive else self.close_cache
+        entry = cache.get(response)
+        if entry is None:
+            entry = cache[response] = [self.render(response, keep_alive), 0]
+        return entry
 
     def render(self, response: Response, keep_alive: bool, http10_keep_alive: bool = False) -> bytes:
         status_line = STATUS_LINES.get(response.status) or _status_line(response.status)

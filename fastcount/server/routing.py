@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+import httptools
+
 from fastcount.server.responses import Response, constant_error
 
 HandlerResult = Response | Awaitable[Response]
@@ -28,10 +30,10 @@ NOT_FOUND = constant_error(404, "not found")
 
 
 class Router:
-    __slots__ = ("_exact", "_method_not_allowed", "_prefixes")
+    __slots__ = ("_method_not_allowed", "_prefixes", "exact")
 
     def __init__(self, routes: Iterable[Route]) -> None:
-        self._exact: dict[bytes, dict[bytes, Handler]] = {}
+        self.exact: dict[bytes, dict[bytes, Handler]] = {}
         self._prefixes: list[tuple[bytes, dict[bytes, Handler]]] = []
         for route in routes:
             if route.prefix:
@@ -40,7 +42,7 @@ class Router:
                     table = {}
                     self._prefixes.append((route.path, table))
             else:
-                table = self._exact.setdefault(route.path, {})
+                table = self.exact.setdefault(route.path, {})
             if route.method in table:
                 raise ValueError(f"duplicate route {route.method!r} {route.path!r}")
             table[route.method] = route.handler
@@ -48,13 +50,25 @@ class Router:
         self._method_not_allowed: dict[int, Response] = {}
 
     def methods_for(self, path: bytes) -> dict[bytes, Handler] | None:
-        table = self._exact.get(path)
+        table = self.exact.get(path)
         if table is not None:
             return table
         for prefix, table in self._prefixes:
             if path.startswith(prefix):
                 return table
         return None
+
+    def resolve_target(self, method: bytes, target: bytes) -> tuple[bytes, bytes, Handler | Response]:
+        """Split a request target into path and query and resolve the path. `exact` alone serves the hot path."""
+        query_at = target.find(b"?")
+        if query_at == -1:
+            path, query = target, b""
+        else:
+            path, query = target[:query_at], target[query_at + 1 :]
+        if path[:1] != b"/":  # absolute-form target (http://host/path?query)
+            parsed = httptools.parse_url(target)
+            path, query = parsed.path or b"/", parsed.query or b""
+        return path, query, self.resolve(method, path)
 
     def resolve(self, method: bytes, path: bytes) -> Handler | Response:
         table = self.methods_for(path)

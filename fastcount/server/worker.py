@@ -111,7 +111,7 @@ class Worker:
         while True:
             await asyncio.sleep(1.0 - time.time() % 1.0)
             state.tick += 1
-            state.renderer.tick()
+            state.renderer.tick(state.stats.responses_by_status)
             for connection in list(state.connections):
                 connection.on_tick(state.tick)
             self._tell_master(MSG_HEARTBEAT)

@@ -43,7 +43,7 @@ async def migrate_async(conn: psycopg.AsyncConnection[object]) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         for statement in SCHEMA:
-            await conn.execute(statement)  # type: ignore[arg-type]
+            await conn.execute(statement)
         await conn.execute(PRUNE_DEAD_WRITERS)
 
 
