@@ -119,13 +119,10 @@ def start_server(database: Database, tmp_path: Path) -> Iterator[object]:
             sys.executable, "-m", "fastcount", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--workers", str(workers), "--dsn", dsn or database.dsn, "--flush-interval", "0.2", *args,
         ]  # fmt: skip
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=log_path.open("wb"),
-            env={**os.environ, **(env or {})},
-        )
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file, env={**os.environ, **(env or {})}
+            )
         server = Server(port, process, log_path, workers, list(args))
         started.append(server)
         server.wait_for_log(r"event=serving")

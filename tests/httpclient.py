@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import time
 
@@ -47,4 +48,5 @@ def raw(port: int, data: bytes, wait: float = 0.5, chunks: list[bytes] | None = 
 
 
 def statuses(response_bytes: bytes) -> list[int]:
-    return [int(line.split()[1]) for line in response_bytes.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    """Status codes of the responses in a stream (our bodies are JSON and never hold a status line)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", response_bytes)]

@@ -108,8 +108,15 @@ class Worker:
 
     async def _tick(self, state: ServerState) -> None:
         """Once a second, on the second: refresh the Date header, enforce timeouts, prove liveness."""
+        last_second = int(time.time())
         while True:
-            await asyncio.sleep(1.0 - time.time() % 1.0)
+            # The loop's timers have millisecond resolution and may fire a little early: aim just past the
+            # boundary and never tick twice in one second (that would age idle connections too fast).
+            await asyncio.sleep(last_second + 1.002 - time.time())
+            second = int(time.time())
+            if second <= last_second:
+                continue
+            last_second = second
             state.tick += 1
             state.renderer.tick(state.stats.responses_by_status)
             for connection in list(state.connections):
