@@ -25,7 +25,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             break
     document = orjson.loads(body)
     key, value = document["key"], document["value"]
-    if type(key) is str and type(value) is int and 0 < value:
+    if type(key) is str and type(value) is int and value > 0:
         pending[key] = pending.get(key, 0) + value
     await send(ACCEPTED_START)
     await send(ACCEPTED_BODY)

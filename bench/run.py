@@ -143,7 +143,9 @@ class Fastcount(Contender):
 
     def start(self, port: int) -> subprocess.Popen[bytes]:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS counters (key text PRIMARY KEY, value bigint, updated_at timestamptz)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS counters (key text PRIMARY KEY, value bigint, updated_at timestamptz)"
+            )
             conn.execute("TRUNCATE counters")
         command = [sys.executable, "-m", "fastcount", "serve", "--port", str(port), "--workers", "1", "--dsn", self.dsn]
         return subprocess.Popen(["taskset", "-c", SERVER_CPU, *command], cwd=ROOT, stderr=subprocess.DEVNULL)

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,8 +108,11 @@ class Server:
         return self.process.returncode
 
 
+StartServer = Callable[..., Server]
+
+
 @pytest.fixture
-def start_server(database: Database, tmp_path: Path) -> Iterator[object]:
+def start_server(database: Database, tmp_path: Path) -> Iterator[StartServer]:
     started: list[Server] = []
 
     def start(*args: str, workers: int = 1, env: dict[str, str] | None = None, dsn: str | None = None) -> Server:

@@ -6,12 +6,11 @@ import json
 import time
 import urllib.parse
 
+from conftest import Database, StartServer
 from httpclient import raw, request, statuses
 
-from conftest import Database
 
-
-def test_increment_answers_202_with_an_empty_body(start_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_increment_answers_202_with_an_empty_body(start_server: StartServer, prefix: str) -> None:
     server = start_server()
     status, headers, body = request(server.port, "POST", "/increment", {"key": prefix + "a", "value": 1})
     assert (status, body) == (202, b"")
@@ -19,7 +18,9 @@ def test_increment_answers_202_with_an_empty_body(start_server, prefix: str) -> 
     assert "Date" in headers
 
 
-def test_invalid_increment_gets_400_naming_the_problem_and_counts_nothing(start_server, database: Database, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_increment_gets_400_naming_the_problem_and_counts_nothing(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
     server = start_server()
     for document, problem in [
         ({"key": prefix + "a", "value": 0}, "'value' must be from 1"),
@@ -38,7 +39,7 @@ def test_invalid_increment_gets_400_naming_the_problem_and_counts_nothing(start_
     assert database.total(prefix) == 0
 
 
-def test_limits_and_routing_answers(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_limits_and_routing_answers(start_server: StartServer) -> None:
     server = start_server()
     assert statuses(raw(server.port, b"GARBAGE\r\n\r\n")) == [400]
     assert statuses(raw(server.port, b"GET /healthz HTTP/1.1\r\nX: " + b"x" * 9000 + b"\r\n\r\n")) == [431]
@@ -50,7 +51,7 @@ def test_limits_and_routing_answers(start_server) -> None:  # type: ignore[no-un
     assert status == 405 and headers["Allow"] == "POST"
 
 
-def test_pipelined_requests_answered_in_order_including_a_database_read(start_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_pipelined_requests_answered_in_order_including_a_database_read(start_server: StartServer, prefix: str) -> None:
     server = start_server()
     key = prefix + "pipe"
     assert request(server.port, "POST", "/increment", {"key": key, "value": 7})[0] == 202
@@ -63,7 +64,7 @@ def test_pipelined_requests_answered_in_order_including_a_database_read(start_se
     assert b'"value":7' in answer or b'"value":8' in answer
 
 
-def test_request_split_into_tiny_writes_is_parsed(start_server, database: Database, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_request_split_into_tiny_writes_is_parsed(start_server: StartServer, database: Database, prefix: str) -> None:
     server = start_server()
     body = json.dumps({"key": prefix + "slow", "value": 3}).encode()
     data = b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
@@ -72,7 +73,7 @@ def test_request_split_into_tiny_writes_is_parsed(start_server, database: Databa
     assert database.total(prefix) == 3
 
 
-def test_expect_continue_chunked_and_http10(start_server, database: Database, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_expect_continue_chunked_and_http10(start_server: StartServer, database: Database, prefix: str) -> None:
     server = start_server()
     body = json.dumps({"key": prefix + "x", "value": 2}).encode()
     expect = b"POST /increment HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
@@ -88,7 +89,7 @@ def test_expect_continue_chunked_and_http10(start_server, database: Database, pr
     assert database.total(prefix) == 6
 
 
-def test_read_counter_and_health(start_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_read_counter_and_health(start_server: StartServer, prefix: str) -> None:
     server = start_server()
     key = prefix + "a b/ü"
     request(server.port, "POST", "/increment", {"key": key, "value": 41})

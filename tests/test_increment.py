@@ -6,10 +6,9 @@ import http.client
 import json
 import time
 
+from conftest import Database, StartServer
 from httpclient import increment, request
 from load import Load
-
-from conftest import Database
 
 
 def wait_for_counts(database: Database, prefix: str, expected: dict[str, int], timeout: float = 10.0) -> dict[str, int]:
@@ -21,7 +20,9 @@ def wait_for_counts(database: Database, prefix: str, expected: dict[str, int], t
         time.sleep(0.1)
 
 
-def test_exact_totals_with_many_keys_workers_and_keepalive_clients(start_server, database: Database, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_exact_totals_with_many_keys_workers_and_keepalive_clients(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
     server = start_server(workers=2)
     with Load(server.port, prefix, keys=300, clients=8) as load:
         time.sleep(3)
@@ -32,7 +33,7 @@ def test_exact_totals_with_many_keys_workers_and_keepalive_clients(start_server,
     assert wait_for_counts(database, prefix, dict(load.accepted)) == dict(load.accepted)
 
 
-def test_array_form_counts_every_item(start_server, database: Database, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_array_form_counts_every_item(start_server: StartServer, database: Database, prefix: str) -> None:
     server = start_server("--max-body", "1048576")  # 10,000 items are ~450 KB; the default body limit is 64 KiB
     items = [{"key": f"{prefix}{i % 7}", "value": i + 1} for i in range(10_000)]
     assert request(server.port, "POST", "/increment", items)[0] == 202
@@ -40,11 +41,13 @@ def test_array_form_counts_every_item(start_server, database: Database, prefix: 
     for item in items:
         expected[str(item["key"])] = expected.get(str(item["key"]), 0) + int(item["value"])  # type: ignore[call-overload]
     assert wait_for_counts(database, prefix, expected) == expected
-    too_many = items + [{"key": prefix + "x", "value": 1}]
+    too_many = [*items, {"key": prefix + "x", "value": 1}]
     assert request(server.port, "POST", "/increment", too_many)[0] == 400
 
 
-def test_reaching_flush_max_keys_flushes_before_the_interval(start_server, database: Database, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_reaching_flush_max_keys_flushes_before_the_interval(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
     server = start_server("--flush-interval", "600", "--flush-max-keys", "100")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     for i in range(150):
@@ -58,7 +61,7 @@ def test_reaching_flush_max_keys_flushes_before_the_interval(start_server, datab
     assert flushed < 150, "the keys after the early flush wait for the next one"
 
 
-def test_sigterm_right_after_a_burst_loses_nothing(start_server, database: Database, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_right_after_a_burst_loses_nothing(start_server: StartServer, database: Database, prefix: str) -> None:
     server = start_server("--flush-interval", "600", workers=2)
     with Load(server.port, prefix, keys=1000, clients=6) as load:
         time.sleep(1.5)
@@ -69,7 +72,7 @@ def test_sigterm_right_after_a_burst_loses_nothing(start_server, database: Datab
     assert "event=stopped" in server.log
 
 
-def test_read_your_flushed_value_over_http(start_server, prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_read_your_flushed_value_over_http(start_server: StartServer, prefix: str) -> None:
     server = start_server()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     for _ in range(5):

@@ -103,7 +103,10 @@ def test_requests_cut_anywhere_parse_the_same(cut: int) -> None:
 
 def test_chunked_request_body_is_reassembled() -> None:
     protocol, transport = connect()
-    feed(protocol, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    feed(
+        protocol,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    )
     assert responses(transport.written) == [(200, b'{"path":"/echo","query":"","body":"abcde"}')]
 
 

@@ -190,9 +190,10 @@ class EmbeddedPostgres:
         entry = pwd.getpwnam(self._run_as)
         os.chown(path, entry.pw_uid, entry.pw_gid)
         os.chmod(path, 0o700)
-        for parent in [*path.parents, *self.bindir.parents]:
-            if not os.stat(parent).st_mode & 0o001:
-                raise EmbeddedPostgresError(
-                    f"{parent} is not searchable by user {self._run_as}, who runs the embedded PostgreSQL "
-                    f"as we are root; chmod o+x it or choose another --data-dir"
-                )
+        # The service user must be able to traverse to the data and the binaries: grant search (x, not read) on the
+        # parent folders that lack it, as pgserver itself does when run as root.
+        for parent in {*path.parents, *self.bindir.parents}:
+            mode = os.stat(parent).st_mode
+            if not mode & 0o001:
+                os.chmod(parent, mode | 0o001)
+                log.warning("event=granted_search_permission path=%s for_user=%s", parent, self._run_as)

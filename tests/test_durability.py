@@ -1,0 +1,77 @@
+"""No data lost, none counted twice: PostgreSQL outages, ambiguous commits, bounded memory with backpressure."""
+
+from __future__ import annotations
+
+import http.client
+import time
+
+import pytest
+
+from conftest import Database, StartServer, free_port
+from httpclient import increment, request
+from load import Load
+
+
+def test_postgres_stopped_under_load_then_started_totals_exact(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    if database.embedded is None:
+        pytest.skip("needs the embedded PostgreSQL to stop and start it (FASTCOUNT_TEST_DSN is set)")
+    server = start_server(workers=2)
+    with Load(server.port, prefix, keys=200, clients=4, pause=0.001) as load:
+        time.sleep(1)
+        database.embedded.stop()
+        try:
+            time.sleep(1.5)
+            assert request(server.port, "GET", "/readyz")[0] == 503
+            time.sleep(2.5)
+        finally:
+            database.embedded.start()
+        time.sleep(1)
+    assert load.errors == []
+    assert set(load.statuses) == {202}, "the service keeps accepting while PostgreSQL is away"
+    deadline = time.monotonic() + 15
+    while database.counts(prefix) != dict(load.accepted) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert database.counts(prefix) == dict(load.accepted)
+    assert "event=flush_failed" in server.log and "event=flush_recovered" in server.log
+    assert request(server.port, "GET", "/readyz")[0] == 200
+
+
+def test_retry_after_connection_lost_past_commit_does_not_count_twice(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    # The failpoint drops the flusher's connection right after each of its first 3 COMMITs succeed, so the
+    # flusher cannot know the outcome and must retry the same batch.
+    server = start_server(env={"FASTCOUNT_FAILPOINT_DROP_AFTER_COMMIT": "3"})
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    expected: dict[str, int] = {}
+    for round_ in range(4):
+        for i in range(20):
+            key = f"{prefix}{i}"
+            assert increment(conn, key, round_ + 1) == 202
+            expected[key] = expected.get(key, 0) + round_ + 1
+        time.sleep(0.5)
+    conn.close()
+    server.wait_for_log(r"event=batch_already_committed", count=3)
+    assert server.stop() == 0
+    assert database.counts(prefix) == expected
+
+
+def test_pending_bound_gives_503_with_retry_after_when_postgres_is_unreachable(
+    start_server: StartServer, prefix: str
+) -> None:
+    dead_dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    server = start_server("--max-pending-keys", "50", "--flush-max-keys", "10", "--graceful-timeout", "1", dsn=dead_dsn)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    answers = [increment(conn, f"{prefix}{i}", 1) for i in range(80)]
+    conn.close()
+    assert answers[:50] == [202] * 50
+    assert answers[50:] == [503] * 30
+    status, headers, _ = request(server.port, "POST", "/increment", {"key": prefix + "late", "value": 1})
+    assert status == 503 and headers["Retry-After"] == "1"
+    assert request(server.port, "GET", "/readyz")[0] == 503
+    assert request(server.port, "GET", "/healthz")[0] == 200
+    # Nowhere to flush to: the stop gives up after --graceful-timeout, and says so.
+    server.stop()
+    assert "event=worker_killed" in server.log and "reason=graceful_timeout" in server.log

@@ -1,0 +1,52 @@
+"""The master: replacing dead workers, rolling reloads under load, orderly stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from conftest import Database, StartServer
+from httpclient import request
+from load import Load
+
+
+def test_killed_worker_is_replaced_and_the_service_keeps_answering(start_server: StartServer) -> None:
+    server = start_server(workers=2)
+    victim = server.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for_log(rf"event=worker_died slot=\d pid={victim}")
+    server.wait_for_log(r"event=worker_ready", count=3)
+    assert victim not in server.worker_pids()
+    assert len(server.worker_pids()) == 2
+    for _ in range(50):  # fresh connections land on both slots' sockets
+        assert request(server.port, "GET", "/healthz")[0] == 200
+
+
+def test_sighup_under_load_fails_no_request_and_counts_exactly(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    server = start_server(workers=2)
+    before = set(server.worker_pids())
+    with Load(server.port, prefix, keys=100, clients=6) as load:
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"event=reload_done generation=1")
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"event=reload_done generation=2")
+        time.sleep(0.5)
+    assert load.errors == []
+    assert set(load.statuses) == {202}
+    after = set(server.worker_pids())
+    assert len(after) == 2 and not after & before, "every worker was replaced"
+    assert server.stop() == 0
+    assert database.counts(prefix) == dict(load.accepted)
+
+
+def test_sigint_stops_gracefully_like_sigterm(start_server: StartServer, database: Database, prefix: str) -> None:
+    server = start_server("--flush-interval", "600")
+    assert request(server.port, "POST", "/increment", {"key": prefix + "a", "value": 3})[0] == 202
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(30) == 0
+    assert database.total(prefix) == 3
