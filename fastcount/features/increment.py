@@ -20,7 +20,7 @@ from fastcount.server.routing import Route
 MAX_VALUE = 2**53 - 1
 MAX_KEY_BYTES = 256
 MAX_ITEMS = 10_000
-COPY_THRESHOLD = 5_000  # keys; below it one unnest statement wins, above it COPY into staging + merge (see README)
+COPY_THRESHOLD = 2_000  # keys: below, one unnest() upsert is faster; above, COPY + merge (bench/flush_methods.py)
 
 ACCEPTED = Response(202, cacheable=True)
 OVERLOADED = constant_error(503, "too many pending keys; retry later", ((b"Retry-After", b"1"),))
@@ -131,14 +131,22 @@ class PendingCounts:
 
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> int:
         if len(batch) < COPY_THRESHOLD:
-            await conn.execute(UPSERT_FROM_ARRAYS, (list(batch), list(batch.values())))
-            return len(batch)
-        await conn.execute(CREATE_STAGING)
-        async with conn.cursor().copy("COPY fastcount_increment_staging (key, value) FROM STDIN") as copy:
-            for row in batch.items():
-                await copy.write_row(row)
-        await conn.execute(UPSERT_FROM_STAGING)
+            await upsert_with_unnest(conn, batch)
+        else:
+            await upsert_with_copy(conn, batch)
         return len(batch)
+
+
+async def upsert_with_unnest(conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> None:
+    await conn.execute(UPSERT_FROM_ARRAYS, (list(batch), list(batch.values())))
+
+
+async def upsert_with_copy(conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> None:
+    await conn.execute(CREATE_STAGING)
+    async with conn.cursor().copy("COPY fastcount_increment_staging (key, value) FROM STDIN") as copy:
+        for row in batch.items():
+            await copy.write_row(row)
+    await conn.execute(UPSERT_FROM_STAGING)
 
 
 class IncrementFeature:
