@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from fastcount.observability.logs import configure_logging
-from fastcount.settings import Settings
+from fastcount.settings import Settings, parse_bool
 
 log = logging.getLogger("fastcount")
 
@@ -27,7 +27,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, names: list[str] | None
         parser.add_argument(
             "--" + spec.name.replace("_", "-"),
             dest=spec.name,
-            type=type(default),
+            type=parse_bool if isinstance(default, bool) else type(default),
             default=None,
             metavar=spec.name.upper(),
             help=f"{spec.metadata['help']} (default: {default!r}; env {Settings.env_name(spec.name)})",

@@ -37,6 +37,12 @@ class Settings:
     read_timeout: float = _knob(10.0, "seconds a client may take to send one request's headers and body", minimum=1)
     graceful_timeout: float = _knob(30.0, "seconds the master waits for workers to stop, then kills", minimum=0)
     backlog: int = _knob(4096, "listen backlog of each worker socket (capped by net.core.somaxconn)", minimum=1)
+    reuse_port: bool = _knob(True, "one SO_REUSEPORT socket per worker (false: one socket shared by all workers)")
+    tcp_nodelay: bool = _knob(True, "TCP_NODELAY on client connections (answers leave at once)")
+    tcp_defer_accept: int = _knob(0, "TCP_DEFER_ACCEPT seconds: wake a worker only once a client sent data", minimum=0)
+    admin_host: str = _knob("127.0.0.1", "address of the admin listener (GET /metrics)")
+    admin_port: int = _knob(3334, "port of the admin listener serving Prometheus metrics; 0 turns it off", minimum=0)
+    env_file: str = _knob("", "file of FASTCOUNT_*=value lines, read at start and again on every SIGHUP")
     log_level: str = _knob("info", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
@@ -56,8 +62,11 @@ class Settings:
 
     @classmethod
     def from_sources(cls, overrides: dict[str, Any], environ: dict[str, str] | None = None) -> Settings:
-        """Defaults, then FASTCOUNT_* variables, then explicit overrides (command-line flags) win."""
+        """Defaults, then the env file, then FASTCOUNT_* variables, then explicit overrides (flags) win."""
         environ = dict(os.environ) if environ is None else environ
+        env_file = overrides.get("env_file") or environ.get(cls.env_name("env_file"))
+        if env_file:
+            environ = {**read_env_file(env_file), **environ}
         values: dict[str, Any] = {}
         for spec in dataclasses.fields(cls):
             raw = environ.get(cls.env_name(spec.name))
@@ -67,8 +76,40 @@ class Settings:
         return cls(**values)
 
 
+def parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=value lines as systemd's EnvironmentFile= takes them: blank lines and # comments skipped, quotes removed."""
+    values: dict[str, str] = {}
+    with open(path) as env_file:
+        for number, line in enumerate(env_file, 1):
+            line = line.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            name, sep, value = line.partition("=")
+            if not sep:
+                raise ValueError(f"{path}:{number}: expected NAME=value")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            values[name.strip()] = value
+    return values
+
+
 def _convert(spec: dataclasses.Field[Any], raw: str) -> Any:
     kind: type = type(spec.default)
+    if kind is bool:
+        try:
+            return parse_bool(raw)
+        except ValueError as problem:
+            raise ValueError(f"{Settings.env_name(spec.name)}: {problem}") from None
     try:
         return kind(raw)
     except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +19,19 @@ from fastcount.store.flusher import FlushBuffer, Flusher
 class Features:
     routes: list[Route]
     buffers: list[FlushBuffer]
+    gauges: Callable[[], dict[str, float]]  # read on the worker's tick, published as per-worker metrics
 
 
 def build_features(settings: Settings, flusher: Flusher, read_pool: AsyncConnectionPool[Any]) -> Features:
     pending_counts = PendingCounts(settings.max_pending_keys, settings.flush_max_keys, flusher.request_flush)
     increment = IncrementFeature(pending_counts, read_pool)
     health = HealthFeature(read_pool, lambda: pending_counts.backlog_keys() >= settings.max_pending_keys)
-    return Features(routes=[*increment.routes(), *health.routes()], buffers=[pending_counts])
+    return Features(
+        routes=[*increment.routes(), *health.routes()],
+        buffers=[pending_counts],
+        gauges=lambda: {
+            "pending_keys": len(pending_counts.pending),
+            "retrying_keys": pending_counts.unacknowledged_keys if flusher.failing_since is not None else 0,
+            "postgres_connected": int(flusher.connected),
+        },
+    )

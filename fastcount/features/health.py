@@ -23,8 +23,8 @@ class HealthFeature:
 
     def routes(self) -> list[Route]:
         return [
-            Route(b"GET", b"/healthz", self.handle_health),
-            Route(b"GET", b"/readyz", self.handle_ready),
+            Route(b"GET", b"/healthz", self.handle_health, name="healthz"),
+            Route(b"GET", b"/readyz", self.handle_ready, name="readyz"),
         ]
 
     def handle_health(self, path: bytes, query: bytes, body: bytes) -> Response:

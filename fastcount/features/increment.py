@@ -156,8 +156,8 @@ class IncrementFeature:
 
     def routes(self) -> list[Route]:
         return [
-            Route(b"POST", b"/increment", self.handle_increment),
-            Route(b"GET", b"/counters/", self.handle_read_counter, prefix=True),
+            Route(b"POST", b"/increment", self.handle_increment, name="increment"),
+            Route(b"GET", b"/counters/", self.handle_read_counter, prefix=True, name="read_counter"),
         ]
 
     def handle_increment(self, path: bytes, query: bytes, body: bytes) -> Response:

@@ -1,36 +1,49 @@
-"""The master (arbiter): binds one SO_REUSEPORT socket per worker slot, forks the workers, and keeps them running.
+"""The master (arbiter): binds one SO_REUSEPORT socket per worker slot, starts the workers, and keeps them running.
 
 It keeps every listening socket for the life of the service, so a replacement worker inherits its slot's socket and
 connections queued there are never reset. Signal handlers only record the signal and wake the main loop through a
-self-pipe; the loop does the work in plain steps. The master runs no event loop, thread or database connection.
+self-pipe; the loop does the work in plain steps. The master runs no event loop, thread or database connection; it
+serves the admin listener (metrics) from the same select() loop and talks to systemd with sd_notify.
 
-Signals: TERM/INT stop gracefully (workers finish and flush; killed after --graceful-timeout); HUP replaces the
-workers one slot at a time, each new worker serving before the old one is told to stop; QUIT stops at once.
+Signals: TERM/INT stop gracefully (workers finish and flush; killed after --graceful-timeout); HUP re-reads
+--env-file and replaces the workers one slot at a time, each new worker serving before the old one is told to stop;
+QUIT stops at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
-from fastcount.observability.logs import configure_logging
-from fastcount.server.worker import EXIT_BOOT_ERROR, MSG_HEARTBEAT, MSG_READY, Worker
+import orjson
+
+from fastcount.observability.admin import AdminServer
+from fastcount.observability.metrics import MetricsBook
+from fastcount.observability.systemd import SystemdNotifier
+from fastcount.server.worker import CONFIG_ENV, EXIT_BOOT_ERROR, worker_config
 from fastcount.settings import Settings
 
 log = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD)
-HEARTBEAT_TIMEOUT = 30.0  # seconds a serving worker may go without a heartbeat before it is killed
+HEARTBEAT_TIMEOUT = 30.0  # seconds a serving worker may go without a snapshot before it is killed
+BOOT_TIMEOUT = 60.0  # seconds a new worker may take to start serving
 RESPAWN_FIRST_DELAY = 0.5
 RESPAWN_MAX_DELAY = 30.0
 STABLE_AFTER = 10.0  # a worker that served this long resets its slot's crash back-off
+# Settings a reload cannot change: they shape the sockets and slots the master holds for its whole life.
+RESTART_ONLY = ("host", "port", "workers", "reuse_port", "backlog", "tcp_defer_accept", "admin_host", "admin_port")
 
 
 class MasterError(RuntimeError):
@@ -39,7 +52,7 @@ class MasterError(RuntimeError):
 
 @dataclass
 class WorkerProcess:
-    pid: int
+    process: subprocess.Popen[bytes]
     slot: int
     generation: int
     pipe: int  # read end of the worker's status pipe
@@ -47,6 +60,11 @@ class WorkerProcess:
     last_heartbeat: float = field(default_factory=time.monotonic)
     ready: bool = False
     retiring: bool = False  # told to stop; its slot already has (or will get) a successor
+    unread: bytes = b""  # a status message not yet complete
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
 
 @dataclass
@@ -65,26 +83,31 @@ def somaxconn() -> int | None:
         return None
 
 
-def bind_slot_sockets(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
-    """One listening socket per slot, all on the same port through SO_REUSEPORT (port 0: the first picks one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def bind_listening_sockets(settings: Settings) -> list[socket.socket]:
+    """One socket per slot, all on one port through SO_REUSEPORT (port 0: the first picks it); or, with
+    reuse_port off, one socket that every slot shares."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    count = settings.workers if settings.reuse_port else 1
+    port = settings.port
     sockets: list[socket.socket] = []
     for _ in range(count):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if settings.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if settings.tcp_defer_accept:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, settings.tcp_defer_accept)
         try:
-            sock.bind((host, port))
+            sock.bind((settings.host, port))
         except OSError as error:
             sock.close()
             for opened in sockets:
                 opened.close()
-            raise MasterError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-        sock.listen(backlog)
-        sock.setblocking(False)
+            raise MasterError(f"cannot listen on {settings.host}:{port}: {error.strerror}") from None
+        sock.listen(settings.backlog)
         port = sock.getsockname()[1]
         sockets.append(sock)
-    return sockets
+    return sockets * settings.workers if not settings.reuse_port else sockets
 
 
 class Master:
@@ -99,9 +122,11 @@ class Master:
         self.wakeup_read = -1
         self.wakeup_write = -1
         self.stopping = False
-        self.announced_serving = False
-        self.restarts = 0
+        self.serving = False
         self.port = 0
+        self.metrics = MetricsBook(settings.workers)
+        self.systemd = SystemdNotifier()
+        self.admin: AdminServer | None = None
 
     # -- the main loop ----------------------------------------------------------------------------------------------
 
@@ -110,12 +135,28 @@ class Master:
         limit = somaxconn()
         if limit is not None and settings.backlog > limit:
             log.warning(
-                "event=backlog_capped backlog=%d somaxconn=%d hint='raise net.core.somaxconn'", settings.backlog, limit
+                "event=backlog_capped backlog=%d somaxconn=%d hint='raise net.core.somaxconn (systemd/sysctl.d)'",
+                settings.backlog,
+                limit,
             )
-        sockets = bind_slot_sockets(settings.host, settings.port, settings.workers, settings.backlog)
+        sockets = bind_listening_sockets(settings)
         self.slots = [Slot(index, sock) for index, sock in enumerate(sockets)]
         self.port = sockets[0].getsockname()[1]
-        log.info("event=listening host=%s port=%d workers=%d", settings.host, self.port, settings.workers)
+        if settings.admin_port:
+            try:
+                self.admin = AdminServer(settings.admin_host, settings.admin_port, self.metrics.exposition)
+            except OSError as error:
+                raise MasterError(
+                    f"cannot listen on admin {settings.admin_host}:{settings.admin_port}: {error.strerror}"
+                ) from None
+        log.info(
+            "event=listening host=%s port=%d workers=%d reuse_port=%s admin=%s",
+            settings.host,
+            self.port,
+            settings.workers,
+            settings.reuse_port,
+            f"{settings.admin_host}:{settings.admin_port}" if self.admin else "off",
+        )
         self.install_signals()
         try:
             for slot in self.slots:
@@ -129,14 +170,17 @@ class Master:
                 self.advance_reload()
                 self.murder_unresponsive_workers()
                 self.manage_workers()
+                self.systemd.watchdog()
             return 0
         except MasterError as error:
             log.error("event=master_halt reason=%r", str(error))
             self.stop(graceful=False)
             return 1
         finally:
-            for slot in self.slots:
-                slot.sock.close()
+            for sock in {id(slot.sock): slot.sock for slot in self.slots}.values():
+                sock.close()
+            if self.admin is not None:
+                self.admin.close()
 
     def install_signals(self) -> None:
         self.wakeup_read, self.wakeup_write = os.pipe()
@@ -153,7 +197,9 @@ class Master:
             pass
 
     def sleep(self, timeout: float = 1.0) -> None:
-        watched = [self.wakeup_read, *(worker.pipe for worker in self.workers.values() if worker.pipe >= 0)]
+        watched: list[Any] = [self.wakeup_read, *(w.pipe for w in self.workers.values() if w.pipe >= 0)]
+        if self.admin is not None:
+            watched.append(self.admin)
         try:
             readable, _, _ = select.select(watched, [], [], timeout)
         except OSError as error:
@@ -166,6 +212,9 @@ class Master:
                     pass
             except BlockingIOError:
                 pass
+        if self.admin is not None and self.admin in readable:
+            self.read_worker_messages()  # answer with the freshest snapshots
+            self.admin.handle_pending()
 
     def handle_signals(self) -> bool:
         """Act on recorded signals; True when the master should leave its loop."""
@@ -188,96 +237,105 @@ class Master:
     # -- workers ----------------------------------------------------------------------------------------------------
 
     def spawn_worker(self, slot: Slot) -> WorkerProcess | None:
+        """Start a fresh interpreter as the slot's worker; it inherits the slot's socket and a status pipe."""
         if time.monotonic() < slot.next_spawn_at:
             return None
         read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: become a worker and never return into the master's code
-            code = 1
-            try:
-                os.close(read_end)
-                self._close_master_only_fds(slot)
-                for signum in HANDLED_SIGNALS:
-                    signal.signal(signum, signal.SIG_DFL)
-                os.set_blocking(write_end, False)
-                configure_logging(self.settings.log_level, f"worker{slot.index}")
-                code = Worker(slot.index, slot.sock, self.settings, self.dsn, write_end).run()
-            except BaseException:
-                log.exception("event=worker_boot_failed slot=%d", slot.index)
-                code = EXIT_BOOT_ERROR
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        os.close(write_end)
+        listen_fd = slot.sock.fileno()
+        command = [
+            sys.executable, "-m", "fastcount.server.worker",
+            "--slot", str(slot.index), "--listen-fd", str(listen_fd), "--status-fd", str(write_end),
+        ]  # fmt: skip
+        try:
+            process = subprocess.Popen(
+                command,
+                pass_fds=(listen_fd, write_end),
+                env={**os.environ, CONFIG_ENV: worker_config(self.settings, self.dsn)},
+            )
+        finally:
+            os.close(write_end)
         os.set_blocking(read_end, False)
-        worker = WorkerProcess(pid, slot.index, self.generation, read_end)
-        self.workers[pid] = worker
-        log.info("event=worker_spawned slot=%d pid=%d generation=%d", slot.index, pid, self.generation)
+        worker = WorkerProcess(process, slot.index, self.generation, read_end)
+        self.workers[process.pid] = worker
+        log.info("event=worker_spawned slot=%d pid=%d generation=%d", slot.index, process.pid, self.generation)
         return worker
-
-    def _close_master_only_fds(self, own_slot: Slot) -> None:
-        os.close(self.wakeup_read)
-        os.close(self.wakeup_write)
-        for worker in self.workers.values():
-            if worker.pipe >= 0:
-                os.close(worker.pipe)
-        for slot in self.slots:
-            if slot is not own_slot:
-                slot.sock.close()
 
     def read_worker_messages(self) -> None:
         now = time.monotonic()
         for worker in self.workers.values():
             if worker.pipe < 0:
                 continue
+            data = b""
             try:
-                data = os.read(worker.pipe, 4096)
+                while True:
+                    chunk = os.read(worker.pipe, 65536)
+                    if not chunk:  # the worker closed its end: it is exiting; reap_workers will collect it
+                        os.close(worker.pipe)
+                        worker.pipe = -1
+                        break
+                    data += chunk
             except BlockingIOError:
-                continue
-            if not data:  # the worker closed its end: it is exiting; reap_workers will collect it
-                os.close(worker.pipe)
-                worker.pipe = -1
-                continue
-            if MSG_HEARTBEAT in data or MSG_READY in data:
-                worker.last_heartbeat = now
-            if MSG_READY in data and not worker.ready:
-                worker.ready = True
-                log.info("event=worker_ready slot=%d pid=%d", worker.slot, worker.pid)
-        if not self.announced_serving and self._every_slot_serving():
-            self.announced_serving = True
+                pass
+            if data:
+                self._handle_messages(worker, data, now)
+        serving = self._every_slot_serving()
+        if serving and not self.serving:
             log.info("event=serving port=%d workers=%d", self.port, len(self.slots))
+            self.systemd.ready(f"serving on port {self.port} with {len(self.slots)} workers")
+        self.serving = serving
+        self.metrics.ready_workers = sum(1 for w in self.workers.values() if w.ready and not w.retiring)
+
+    def _handle_messages(self, worker: WorkerProcess, data: bytes, now: float) -> None:
+        *lines, worker.unread = (worker.unread + data).split(b"\n")
+        for line in lines:
+            if line == b"R":
+                worker.ready = True
+                worker.last_heartbeat = now
+                log.info("event=worker_ready slot=%d pid=%d", worker.slot, worker.pid)
+            elif line.startswith(b"S"):
+                worker.last_heartbeat = now
+                try:
+                    self.metrics.record(worker.pid, worker.slot, orjson.loads(line[1:]))
+                except orjson.JSONDecodeError:
+                    log.warning("event=bad_worker_message slot=%d pid=%d", worker.slot, worker.pid)
 
     def _every_slot_serving(self) -> bool:
         serving = {worker.slot for worker in self.workers.values() if worker.ready and not worker.retiring}
         return len(serving) == len(self.slots)
 
     def reap_workers(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            worker = self.workers.pop(pid, None)
-            if worker is None:
+        for worker in list(self.workers.values()):
+            code = worker.process.poll()
+            if code is None:
                 continue
+            del self.workers[worker.pid]
             if worker.pipe >= 0:
-                os.close(worker.pipe)
-            self._account_exit(worker, status)
+                self._drain_final_messages(worker)
+            self.metrics.retire(worker.pid)
+            self._account_exit(worker, code)
 
-    def _account_exit(self, worker: WorkerProcess, status: int) -> None:
-        code = os.waitstatus_to_exitcode(status)
+    def _drain_final_messages(self, worker: WorkerProcess) -> None:
+        try:
+            data = os.read(worker.pipe, 65536)
+            if data:
+                self._handle_messages(worker, data, time.monotonic())
+        except BlockingIOError:
+            pass
+        os.close(worker.pipe)
+        worker.pipe = -1
+
+    def _account_exit(self, worker: WorkerProcess, code: int) -> None:
         if worker.retiring or self.stopping:
             log.info("event=worker_exited slot=%d pid=%d code=%d", worker.slot, worker.pid, code)
             return
-        self.restarts += 1
+        self.metrics.worker_restarts += 1
         slot = self.slots[worker.slot]
         lived = time.monotonic() - worker.started
         if code == EXIT_BOOT_ERROR and not worker.ready:
             if self.reload_queue:  # the new code or settings do not boot: keep the workers that do
                 log.error("event=reload_aborted generation=%d reason=worker_boot_failed", self.generation)
                 self.reload_queue.clear()
+                self.systemd.ready("reload failed: new workers did not boot; old workers kept")
                 return
             raise MasterError(f"worker {worker.pid} of slot {worker.slot} failed to boot; see its log above")
         slot.failures = 1 if lived >= STABLE_AFTER else slot.failures + 1
@@ -304,7 +362,8 @@ class Master:
     def murder_unresponsive_workers(self) -> None:
         now = time.monotonic()
         for worker in self.workers.values():
-            if worker.ready and now - worker.last_heartbeat > HEARTBEAT_TIMEOUT:
+            silent = now - worker.last_heartbeat
+            if (worker.ready and silent > HEARTBEAT_TIMEOUT) or (not worker.ready and silent > BOOT_TIMEOUT):
                 log.error("event=worker_unresponsive slot=%d pid=%d action=kill", worker.slot, worker.pid)
                 self._signal(worker, signal.SIGKILL)
                 worker.last_heartbeat = now
@@ -313,10 +372,27 @@ class Master:
 
     def reload(self) -> None:
         """Rolling replacement: per slot, start the new worker, wait until it serves, then retire the old one."""
+        self.systemd.reloading()
+        self._reread_settings()
         self.generation += 1
+        self.metrics.reloads += 1
         self.reload_queue = deque(slot.index for slot in self.slots)
         log.info("event=reload generation=%d", self.generation)
         self.advance_reload()
+
+    def _reread_settings(self) -> None:
+        if not self.settings.env_file:
+            return
+        try:
+            fresh = Settings.from_sources({"env_file": self.settings.env_file})
+        except (OSError, ValueError) as error:
+            log.error("event=reload_settings_rejected reason=%r action=keep_current", str(error))
+            return
+        kept = {name: getattr(self.settings, name) for name in RESTART_ONLY}
+        changed = [name for name, value in kept.items() if getattr(fresh, name) != value]
+        if changed:
+            log.warning("event=reload_settings_need_restart settings=%s action=keep_current", ",".join(changed))
+        self.settings = dataclasses.replace(fresh, **kept)
 
     def advance_reload(self) -> None:
         while self.reload_queue:
@@ -335,9 +411,11 @@ class Master:
             self.reload_queue.popleft()
             if not self.reload_queue:
                 log.info("event=reload_done generation=%d", self.generation)
+                self.systemd.ready(f"serving on port {self.port}; reload {self.generation} done")
 
     def stop(self, graceful: bool) -> None:
         self.stopping = True
+        self.systemd.stopping()
         for worker in self.workers.values():
             self._signal(worker, signal.SIGTERM if graceful else signal.SIGKILL)
         deadline = time.monotonic() + (self.settings.graceful_timeout if graceful else 5.0)
@@ -351,7 +429,7 @@ class Master:
         while self.workers:
             self.sleep(0.1)
             self.reap_workers()
-        log.info("event=stopped restarts=%d", self.restarts)
+        log.info("event=stopped restarts=%d", self.metrics.worker_restarts)
 
     def _signal(self, worker: WorkerProcess, signum: int) -> None:
         try:

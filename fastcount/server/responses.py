@@ -7,11 +7,16 @@ and then served as ready bytes; everything else is rendered on demand. The rende
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 import orjson
+
+if TYPE_CHECKING:
+    from fastcount.server.routing import RouteState
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -54,35 +59,36 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class ResponseRenderer:
     """Renders responses with a Date header refreshed once per second by `tick`.
 
-    Constant responses are cached as [bytes, times served] entries: the hot path counts what it serves by bumping
-    the entry, and `tick` moves those counts into the worker's per-status totals.
+    Constant responses are cached per route as [bytes, times served] entries: the hot path counts what it serves by
+    bumping the entry, and `tick` moves those counts into each route's answers by status.
     """
 
-    __slots__ = ("_current_second", "close_cache", "date_line", "keep_alive_cache")
+    __slots__ = ("_current_second", "date_line", "routes")
 
-    def __init__(self) -> None:
-        self.keep_alive_cache: dict[Response, list[bytes | int]] = {}
-        self.close_cache: dict[Response, list[bytes | int]] = {}
+    def __init__(self, routes: Sequence[RouteState]) -> None:
+        self.routes = routes
         self._current_second = -1
         self.date_line = b""
-        self.tick({})
+        self.tick()
 
-    def tick(self, served_by_status: dict[int, int]) -> None:
-        for cache in (self.keep_alive_cache, self.close_cache):
-            for response, entry in cache.items():
-                if entry[1]:
-                    served_by_status[response.status] = served_by_status.get(response.status, 0) + int(entry[1])
-                    entry[1] = 0
+    def tick(self) -> None:
         second = int(time.time())
-        if second != self._current_second:
+        new_second = second != self._current_second
+        if new_second:
             self._current_second = second
             self.date_line = b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
-            self.keep_alive_cache.clear()
-            self.close_cache.clear()
+        for route in self.routes:
+            for cache in (route.keep_alive_cache, route.close_cache):
+                for response, entry in cache.items():
+                    if entry[1]:
+                        route.answers[response.status] = route.answers.get(response.status, 0) + int(entry[1])
+                        entry[1] = 0
+                if new_second:
+                    cache.clear()
 
-    def cache_entry(self, response: Response, keep_alive: bool) -> list[bytes | int]:
+    def cache_entry(self, route: RouteState, response: Response, keep_alive: bool) -> list[bytes | int]:
         """The [bytes, served] entry of a constant response, rendered on first use this second."""
-        cache = self.keep_alive_cache if keep_alive else self.close_cache
+        cache = route.keep_alive_cache if keep_alive else route.close_cache
         entry = cache.get(response)
         if entry is None:
             entry = cache[response] = [self.render(response, keep_alive), 0]

@@ -1,8 +1,8 @@
 """Routes: how a feature tells the server which handler answers a method and path.
 
 A handler takes (path, query, body) as bytes and returns a Response, or an awaitable of one when it must wait (a
-database read). The router resolves a request target to a handler or to a ready 404/405 response; it knows nothing of
-what the handlers do.
+database read). The router resolves a request target to a RouteState (the handler plus its answer counts and cached
+answer bytes) or to a ready 404/405 response; it knows nothing of what the handlers do.
 """
 
 from __future__ import annotations
@@ -24,17 +24,42 @@ class Route:
     path: bytes
     handler: Handler
     prefix: bool = False  # match every path that starts with `path`
+    name: str = ""  # the `route` label of metrics; default "METHOD path"
+
+
+def _no_handler(path: bytes, query: bytes, body: bytes) -> Response:
+    raise AssertionError("pseudo-routes have no handler")
+
+
+class RouteState:
+    """A route as the protocol uses it: its handler, its answers counted by status, and the bytes of its constant
+    answers for the current second (entries are [bytes, times served], harvested into `answers` on each tick)."""
+
+    __slots__ = ("answers", "close_cache", "handler", "keep_alive_cache", "name")
+
+    def __init__(self, name: str, handler: Handler = _no_handler) -> None:
+        self.name = name
+        self.handler = handler
+        self.answers: dict[int, int] = {}
+        self.keep_alive_cache: dict[Response, list[bytes | int]] = {}
+        self.close_cache: dict[Response, list[bytes | int]] = {}
+
+    def count(self, status: int) -> None:
+        self.answers[status] = self.answers.get(status, 0) + 1
 
 
 NOT_FOUND = constant_error(404, "not found")
 
 
 class Router:
-    __slots__ = ("_method_not_allowed", "_prefixes", "exact")
+    __slots__ = ("_method_not_allowed", "_prefixes", "exact", "invalid", "routes", "unmatched")
 
     def __init__(self, routes: Iterable[Route]) -> None:
-        self.exact: dict[bytes, dict[bytes, Handler]] = {}
-        self._prefixes: list[tuple[bytes, dict[bytes, Handler]]] = []
+        self.exact: dict[bytes, dict[bytes, RouteState]] = {}
+        self._prefixes: list[tuple[bytes, dict[bytes, RouteState]]] = []
+        self.unmatched = RouteState("unmatched")  # 404 and 405
+        self.invalid = RouteState("invalid")  # requests refused before routing: 400, 408, 413, 431
+        self.routes: list[RouteState] = [self.unmatched, self.invalid]
         for route in routes:
             if route.prefix:
                 table = next((t for p, t in self._prefixes if p == route.path), None)
@@ -45,11 +70,13 @@ class Router:
                 table = self.exact.setdefault(route.path, {})
             if route.method in table:
                 raise ValueError(f"duplicate route {route.method!r} {route.path!r}")
-            table[route.method] = route.handler
+            state = RouteState(route.name or f"{route.method.decode()} {route.path.decode()}", route.handler)
+            table[route.method] = state
+            self.routes.append(state)
         self._prefixes.sort(key=lambda item: len(item[0]), reverse=True)  # longest prefix wins
         self._method_not_allowed: dict[int, Response] = {}
 
-    def methods_for(self, path: bytes) -> dict[bytes, Handler] | None:
+    def methods_for(self, path: bytes) -> dict[bytes, RouteState] | None:
         table = self.exact.get(path)
         if table is not None:
             return table
@@ -58,7 +85,7 @@ class Router:
                 return table
         return None
 
-    def resolve_target(self, method: bytes, target: bytes) -> tuple[bytes, bytes, Handler | Response]:
+    def resolve_target(self, method: bytes, target: bytes) -> tuple[bytes, bytes, RouteState | Response]:
         """Split a request target into path and query and resolve the path. `exact` alone serves the hot path."""
         query_at = target.find(b"?")
         if query_at == -1:
@@ -70,16 +97,16 @@ class Router:
             path, query = parsed.path or b"/", parsed.query or b""
         return path, query, self.resolve(method, path)
 
-    def resolve(self, method: bytes, path: bytes) -> Handler | Response:
+    def resolve(self, method: bytes, path: bytes) -> RouteState | Response:
         table = self.methods_for(path)
         if table is None:
             return NOT_FOUND
-        handler = table.get(method)
-        if handler is not None:
-            return handler
+        route = table.get(method)
+        if route is not None:
+            return route
         return self._not_allowed(table)
 
-    def _not_allowed(self, table: dict[bytes, Handler]) -> Response:
+    def _not_allowed(self, table: dict[bytes, RouteState]) -> Response:
         response = self._method_not_allowed.get(id(table))
         if response is None:
             allow = b", ".join(sorted(table))

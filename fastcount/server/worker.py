@@ -1,25 +1,35 @@
 """One worker process: a uvloop event loop serving the listening socket its slot inherited, plus the flusher.
 
-It tells the master over a pipe when it serves ("R") and that it lives (a heartbeat byte each tick). SIGTERM means
-stop gracefully: stop accepting, answer what is in flight, close quiet connections, flush everything, exit 0. It
-ignores SIGINT: a Ctrl-C reaches the whole process group, and the master turns it into an orderly SIGTERM.
+The master starts each worker as a fresh interpreter (`python -m fastcount.server.worker`) that inherits two file
+descriptors: its slot's listening socket and the write end of its status pipe. A fresh interpreter is what lets a
+SIGHUP reload bring in new code, and it shares nothing with the master by accident. Over the pipe the worker says
+"R" once it serves and sends a stats snapshot every second (which is also its heartbeat).
+
+SIGTERM means stop gracefully: stop accepting, answer what is in flight, close quiet connections, flush everything,
+send a last snapshot, exit 0. SIGINT is ignored: a Ctrl-C reaches the whole process group, and the master turns it
+into an orderly SIGTERM.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import logging
 import math
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
+import orjson
 import uvloop
 from psycopg_pool import AsyncConnectionPool
 
-from fastcount.features import build_features
+from fastcount.features import Features, build_features
+from fastcount.observability.logs import configure_logging
 from fastcount.observability.stats import WorkerStats
 from fastcount.server.protocol import ConnectionLimits, HttpProtocol, ServerState
 from fastcount.server.routing import Router
@@ -31,17 +41,17 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_BOOT_ERROR = 3  # failed before serving: the master stops rather than respawn into a crash loop
-MSG_READY = b"R"
-MSG_HEARTBEAT = b"."
+MSG_READY = b"R\n"
+CONFIG_ENV = "FASTCOUNT_WORKER_CONFIG"  # settings and DSN, as JSON, from the master
 
 
 class Worker:
-    def __init__(self, slot: int, sock: socket.socket, settings: Settings, dsn: str, master_pipe: int) -> None:
+    def __init__(self, slot: int, sock: socket.socket, settings: Settings, dsn: str, status_pipe: int) -> None:
         self.slot = slot
         self.sock = sock
         self.settings = settings
         self.dsn = dsn
-        self.master_pipe = master_pipe
+        self.status_pipe = status_pipe
         self.master_pid = os.getppid()
         self.ready = False
         self.stop_requested: asyncio.Event | None = None
@@ -84,12 +94,13 @@ class Worker:
             max_header_bytes=settings.max_header_bytes,
             keepalive_ticks=max(1, math.ceil(settings.keepalive_timeout)),
             read_ticks=max(1, math.ceil(settings.read_timeout)),
+            tcp_nodelay=settings.tcp_nodelay,
         )
         state = ServerState(Router(features.routes), limits, stats)
         # backlog= matters: without it asyncio (and uvloop) re-listen the inherited socket with a backlog of 100.
         server = await loop.create_server(lambda: HttpProtocol(state), sock=self.sock, backlog=settings.backlog)
         flush_task = asyncio.create_task(flusher.run(), name="flusher")
-        tick_task = asyncio.create_task(self._tick(state), name="tick")
+        tick_task = asyncio.create_task(self._tick(state, features), name="tick")
         self.ready = True
         self._tell_master(MSG_READY)
         log.info("event=worker_serving slot=%d", self.slot)
@@ -103,11 +114,12 @@ class Worker:
         await flusher.stop(flush_task)
         tick_task.cancel()
         await read_pool.close()
+        self._publish(state, features)  # the last snapshot: the master keeps these counts after we are gone
         log.info("event=worker_stopped slot=%d requests=%d flushes=%d", self.slot, stats.requests, stats.flushes)
         return EXIT_OK
 
-    async def _tick(self, state: ServerState) -> None:
-        """Once a second, on the second: refresh the Date header, enforce timeouts, prove liveness."""
+    async def _tick(self, state: ServerState, features: Features) -> None:
+        """Once a second, on the second: refresh the Date header, enforce timeouts, publish stats (the heartbeat)."""
         last_second = int(time.time())
         while True:
             # The loop's timers have millisecond resolution and may fire a little early: aim just past the
@@ -118,16 +130,47 @@ class Worker:
                 continue
             last_second = second
             state.tick += 1
-            state.renderer.tick(state.stats.responses_by_status)
             for connection in list(state.connections):
                 connection.on_tick(state.tick)
-            self._tell_master(MSG_HEARTBEAT)
+            self._publish(state, features)
             if os.getppid() != self.master_pid and self.stop_requested is not None:
                 log.warning("event=master_gone slot=%d", self.slot)
                 self.stop_requested.set()
 
+    def _publish(self, state: ServerState, features: Features) -> None:
+        state.renderer.tick()  # also moves the counts of cached answers into each route's totals
+        answers = {route.name: route.answers for route in state.router.routes if route.answers}
+        gauges = {"connections_open": len(state.connections), **features.gauges()}
+        self._tell_master(state.stats.snapshot(answers, gauges))
+
     def _tell_master(self, message: bytes) -> None:
         try:
-            os.write(self.master_pipe, message)
+            os.write(self.status_pipe, message)  # under PIPE_BUF, so all or nothing
         except (BlockingIOError, BrokenPipeError):
             pass  # a full pipe means the master is busy, a broken one that it is gone; neither should stop serving
+
+
+def worker_config(settings: Settings, dsn: str) -> str:
+    return orjson.dumps({"settings": dataclasses.asdict(settings), "dsn": dsn}).decode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="a fastcount worker (started by the master, not by hand)")
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--status-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    config = orjson.loads(os.environ.pop(CONFIG_ENV))
+    settings = Settings(**config["settings"])
+    configure_logging(settings.log_level, f"worker{args.slot}")
+    try:
+        sock = socket.socket(fileno=args.listen_fd)
+        os.set_blocking(args.status_fd, False)
+        return Worker(args.slot, sock, settings, config["dsn"], args.status_fd).run()
+    except Exception:
+        log.exception("event=worker_boot_failed slot=%d", args.slot)
+        return EXIT_BOOT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

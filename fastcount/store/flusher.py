@@ -91,9 +91,6 @@ class Flusher:
     def request_flush(self) -> None:
         self._wake.set()
 
-    def backlog_keys(self) -> int:
-        return sum(item.keys for item in self._in_flight.values())
-
     async def run(self) -> None:
         """Flush on every tick until stopped, then until a pass finds nothing left."""
         while True:
@@ -183,7 +180,8 @@ class Flusher:
         self._retry_delay = 0.0
         self.stats.flushes += 1
         self.stats.flushed_rows += rows
-        self.stats.flush_seconds += time.perf_counter() - started
+        self.stats.flush_seconds.observe(time.perf_counter() - started)
+        self.stats.flush_keys.observe(in_flight.keys)
         return True
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:

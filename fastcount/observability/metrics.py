@@ -1,0 +1,146 @@
+"""Prometheus metrics, assembled in the master from the snapshots workers send each second.
+
+Series carry a stable `worker` label: the slot index, not the pid. A worker's counters are cumulative for its own
+process; when it exits, its last snapshot is folded into its slot's base, so a slot's counters never go backwards
+across crashes and reloads (a worker killed outright loses at most its last second of counts, as prometheus_client's
+multiprocess mode keeps the files of dead processes for the same reason). Gauges of a dead worker disappear with it.
+This module owns the numbers' exposition; it never runs on a worker's request path, and starts no thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+COUNTERS = {  # snapshot name -> (metric name without _total, help)
+    "requests": ("fastcount_http_requests", "HTTP requests completed"),
+    "connections_opened": ("fastcount_http_connections_opened", "client connections accepted"),
+    "connections_closed": ("fastcount_http_connections_closed", "client connections closed"),
+    "bytes_received": ("fastcount_http_received_bytes", "bytes read from clients"),
+    "bytes_sent": ("fastcount_http_sent_bytes", "bytes written to clients"),
+    "flushes": ("fastcount_flushes", "batches committed to PostgreSQL"),
+    "flush_errors": ("fastcount_flush_errors", "flush attempts that failed (the batch is retried)"),
+    "flush_retries": ("fastcount_flush_retries", "retries scheduled after a failed flush"),
+    "flushed_rows": ("fastcount_flush_rows", "counter rows written by flushes"),
+    "cpu_seconds": ("fastcount_worker_cpu_seconds", "CPU time of the worker process"),
+}
+GAUGES = {
+    "connections_open": ("fastcount_http_connections_open", "client connections open now"),
+    "pending_keys": ("fastcount_pending_keys", "distinct keys counted in memory, not yet taken by a flush"),
+    "retrying_keys": ("fastcount_flush_backlog_keys", "keys of a batch that failed to flush and is being retried"),
+    "postgres_connected": ("fastcount_postgres_connected", "1 when the flusher holds a PostgreSQL connection"),
+    "resident_memory_bytes": ("fastcount_worker_resident_memory_bytes", "resident memory of the worker process"),
+    "open_fds": ("fastcount_worker_open_fds", "open file descriptors of the worker process"),
+}
+HISTOGRAMS = {
+    "request_seconds": (
+        "fastcount_http_request_duration_seconds",
+        "time to parse, route and answer a read of requests (sampled: about one read in 16)",
+    ),
+    "flush_seconds": ("fastcount_flush_duration_seconds", "time to commit one batch, retries excluded"),
+    "flush_keys": ("fastcount_flush_keys", "distinct keys per committed batch"),
+}
+
+
+def _empty() -> dict[str, Any]:
+    return {"counters": {}, "answers": {}, "histograms": {}}
+
+
+def _add_into(total: dict[str, Any], snapshot: dict[str, Any]) -> None:
+    for name, value in snapshot.get("counters", {}).items():
+        total["counters"][name] = total["counters"].get(name, 0) + value
+    for route, by_status in snapshot.get("answers", {}).items():
+        into = total["answers"].setdefault(route, {})
+        for status, count in by_status.items():
+            into[status] = into.get(status, 0) + count
+    for name, histogram in snapshot.get("histograms", {}).items():
+        into = total["histograms"].get(name)
+        if into is None:
+            total["histograms"][name] = {
+                "bounds": list(histogram["bounds"]),
+                "counts": list(histogram["counts"]),
+                "sum": histogram["sum"],
+            }
+        else:
+            into["counts"] = [a + b for a, b in zip(into["counts"], histogram["counts"], strict=True)]
+            into["sum"] += histogram["sum"]
+
+
+class MetricsBook:
+    """The master's view: the latest snapshot of each live worker, plus what dead workers left to their slot."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.live: dict[int, tuple[int, dict[str, Any]]] = {}  # pid -> (slot, latest snapshot)
+        self.retired: dict[int, dict[str, Any]] = {slot: _empty() for slot in range(slots)}
+        self.worker_restarts = 0
+        self.reloads = 0
+        self.ready_workers = 0
+
+    def record(self, pid: int, slot: int, snapshot: dict[str, Any]) -> None:
+        self.live[pid] = (slot, snapshot)
+
+    def retire(self, pid: int) -> None:
+        entry = self.live.pop(pid, None)
+        if entry is not None:
+            slot, snapshot = entry
+            _add_into(self.retired[slot], snapshot)
+
+    def exposition(self) -> bytes:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry)
+
+    # prometheus_client's collector interface
+    def collect(self) -> Iterator[Metric]:
+        per_slot: dict[int, dict[str, Any]] = {}
+        gauges: dict[int, dict[str, float]] = {}
+        for slot in range(self.slots):
+            total = _empty()
+            _add_into(total, self.retired[slot])
+            per_slot[slot] = total
+        for slot, snapshot in self.live.values():
+            _add_into(per_slot[slot], snapshot)
+            into = gauges.setdefault(slot, {})
+            for name, value in snapshot.get("gauges", {}).items():
+                into[name] = into.get(name, 0) + value
+
+        for key, (name, help_text) in COUNTERS.items():
+            family = CounterMetricFamily(name, help_text, labels=["worker"])
+            for slot, total in per_slot.items():
+                family.add_metric([str(slot)], total["counters"].get(key, 0))
+            yield family
+        answers = CounterMetricFamily(
+            "fastcount_http_responses", "HTTP responses by route and status code", labels=["worker", "route", "code"]
+        )
+        for slot, total in per_slot.items():
+            for route, by_status in sorted(total["answers"].items()):
+                for status, count in sorted(by_status.items()):
+                    answers.add_metric([str(slot), route, str(status)], count)
+        yield answers
+        for key, (name, help_text) in GAUGES.items():
+            gauge = GaugeMetricFamily(name, help_text, labels=["worker"])
+            for slot in sorted(gauges):
+                if key in gauges[slot]:
+                    gauge.add_metric([str(slot)], gauges[slot][key])
+            yield gauge
+        for key, (name, help_text) in HISTOGRAMS.items():
+            histogram = HistogramMetricFamily(name, help_text, labels=["worker"])
+            for slot, total in per_slot.items():
+                data = total["histograms"].get(key)
+                if data is None:
+                    continue
+                cumulative, buckets = 0, []
+                for bound, count in zip([*data["bounds"], float("inf")], data["counts"], strict=True):
+                    cumulative += count
+                    buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+                histogram.add_metric([str(slot)], buckets, data["sum"])
+            yield histogram
+        yield CounterMetricFamily(
+            "fastcount_worker_restarts", "workers that died and were replaced", self.worker_restarts
+        )
+        yield CounterMetricFamily("fastcount_reloads", "SIGHUP reloads started", self.reloads)
+        yield GaugeMetricFamily("fastcount_workers_ready", "workers serving now", self.ready_workers)
