@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, "master")
     if args.command == "migrate":
         return _with_database(settings, lambda dsn: _migrate(dsn))
-    return _with_database(settings, lambda dsn: _serve(settings, dsn))
+    return _with_database(settings, lambda dsn: _serve(settings, dsn, overrides))
 
 
 def _migrate(dsn: str) -> int:
@@ -66,11 +66,11 @@ def _migrate(dsn: str) -> int:
     return 0
 
 
-def _serve(settings: Settings, dsn: str) -> int:
+def _serve(settings: Settings, dsn: str, overrides: dict[str, Any]) -> int:
     from fastcount.server.master import Master, MasterError
 
     try:
-        return Master(settings, dsn).run()
+        return Master(settings, dsn, overrides).run()
     except MasterError as error:
         log.error("event=master_failed reason=%r", str(error))
         return 1

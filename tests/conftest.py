@@ -120,7 +120,8 @@ def start_server(database: Database, tmp_path: Path) -> Iterator[StartServer]:
         log_path = tmp_path / f"server-{port}.log"
         command = [
             sys.executable, "-m", "fastcount", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", str(workers), "--dsn", dsn or database.dsn, "--flush-interval", "0.2", *args,
+            "--workers", str(workers), "--dsn", dsn or database.dsn, "--flush-interval", "0.2", "--admin-port", "0",
+            *args,
         ]  # fmt: skip
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(

@@ -42,8 +42,11 @@ BOOT_TIMEOUT = 60.0  # seconds a new worker may take to start serving
 RESPAWN_FIRST_DELAY = 0.5
 RESPAWN_MAX_DELAY = 30.0
 STABLE_AFTER = 10.0  # a worker that served this long resets its slot's crash back-off
-# Settings a reload cannot change: they shape the sockets and slots the master holds for its whole life.
-RESTART_ONLY = ("host", "port", "workers", "reuse_port", "backlog", "tcp_defer_accept", "admin_host", "admin_port")
+# Settings a reload cannot change: the sockets, slots and database the master holds for its whole life.
+RESTART_ONLY = (
+    "host", "port", "workers", "reuse_port", "backlog", "tcp_defer_accept",
+    "admin_host", "admin_port", "dsn", "data_dir",
+)  # fmt: skip
 
 
 class MasterError(RuntimeError):
@@ -111,9 +114,10 @@ def bind_listening_sockets(settings: Settings) -> list[socket.socket]:
 
 
 class Master:
-    def __init__(self, settings: Settings, dsn: str) -> None:
+    def __init__(self, settings: Settings, dsn: str, overrides: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.dsn = dsn
+        self.overrides = overrides or {}  # the command-line flags: they still win when a reload re-reads settings
         self.slots: list[Slot] = []
         self.workers: dict[int, WorkerProcess] = {}
         self.generation = 0
@@ -384,7 +388,7 @@ class Master:
         if not self.settings.env_file:
             return
         try:
-            fresh = Settings.from_sources({"env_file": self.settings.env_file})
+            fresh = Settings.from_sources(self.overrides)
         except (OSError, ValueError) as error:
             log.error("event=reload_settings_rejected reason=%r action=keep_current", str(error))
             return

@@ -36,7 +36,7 @@ from fastcount.server.routing import Router
 from fastcount.settings import Settings
 from fastcount.store.flusher import Flusher, writer_identity
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fastcount.server.worker")  # not __name__: it is "__main__" when run with -m
 
 EXIT_OK = 0
 EXIT_CRASHED = 1

@@ -1,0 +1,154 @@
+"""Operations: Prometheus metrics, sd_notify, the systemd unit, settings reload, crashes under load."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT, StartServer, free_port
+from httpclient import raw, request, statuses
+from load import Load
+
+
+def scrape(admin_port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Samples by name, keyed by their sorted labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def by_worker(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
+    return {dict(labels)["worker"]: value for labels, value in samples.items()}
+
+
+def test_metrics_have_per_worker_series_that_add_up(start_server: StartServer, prefix: str) -> None:
+    admin = free_port()
+    server = start_server("--admin-port", str(admin), workers=2)
+    for i in range(40):
+        assert request(server.port, "POST", "/increment", {"key": f"{prefix}{i}", "value": 1})[0] == 202
+    assert request(server.port, "GET", "/nowhere")[0] == 404
+    time.sleep(1.3)  # workers publish on their one-second tick
+    samples = scrape(admin)
+    answers = samples["fastcount_http_responses_total"]
+    accepted = sum(v for labels, v in answers.items() if ("route", "increment") in labels and ("code", "202") in labels)
+    assert accepted == 40
+    assert sum(v for labels, v in answers.items() if ("code", "404") in labels) == 1
+    assert set(by_worker(samples["fastcount_http_requests_total"])) == {"0", "1"}
+    assert sum(by_worker(samples["fastcount_http_requests_total"]).values()) == 41
+    assert set(by_worker(samples["fastcount_postgres_connected"]).values()) == {1.0}
+    assert all(value > 0 for value in by_worker(samples["fastcount_worker_resident_memory_bytes"]).values())
+    assert "fastcount_flush_duration_seconds_bucket" in samples
+    assert samples["fastcount_workers_ready"][()] == 2
+
+
+def test_metrics_pass_promtool(start_server: StartServer) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
+    admin = free_port()
+    server = start_server("--admin-port", str(admin))
+    request(server.port, "POST", "/increment", {"key": "promtool", "value": 1})
+    time.sleep(1.3)
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
+        exposition = response.read()
+    result = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_counters_never_go_backwards_across_a_worker_restart(start_server: StartServer, prefix: str) -> None:
+    admin = free_port()
+    server = start_server("--admin-port", str(admin), workers=2)
+    for i in range(30):
+        request(server.port, "POST", "/increment", {"key": f"{prefix}{i}", "value": 1})
+    time.sleep(1.3)
+    before = scrape(admin)
+    victim = server.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for_log(r"event=worker_ready", count=3)
+    time.sleep(1.3)
+    after = scrape(admin)
+    for name in ("fastcount_http_requests_total", "fastcount_http_sent_bytes_total", "fastcount_flushes_total"):
+        for worker, value in by_worker(before[name]).items():
+            assert by_worker(after[name])[worker] >= value, f"{name} went backwards for worker {worker}"
+    assert after["fastcount_worker_restarts_total"][()] == 1
+
+
+def test_killed_worker_under_load_is_replaced_and_other_clients_keep_going(
+    start_server: StartServer, prefix: str
+) -> None:
+    server = start_server(workers=2)
+    with Load(server.port, prefix, keys=50, clients=6) as load:
+        time.sleep(0.5)
+        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        server.wait_for_log(r"event=worker_ready", count=3)
+        time.sleep(1)
+    assert len(load.errors) <= 6, "only connections held by the killed worker may fail"
+    assert load.statuses[202] > 500
+    assert set(load.statuses) == {202}
+    assert "event=worker_died" in server.log
+
+
+def receive_notifications(sock: socket.socket, until: str, timeout: float = 30.0) -> list[str]:
+    messages: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any(until in message for message in messages):
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        messages.append(sock.recv(4096).decode())
+    return messages
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_sd_notify_ready_reloading_stopping(start_server: StartServer, tmp_path: Path, abstract: bool) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = f"@fastcount-test-{os.getpid()}-{time.monotonic_ns()}" if abstract else str(tmp_path / "notify")
+    notify.bind("\0" + address[1:] if abstract else address)
+    with notify:
+        server = start_server(workers=2, env={"NOTIFY_SOCKET": address})
+        ready = receive_notifications(notify, "READY=1")
+        assert any("STATUS=serving" in message for message in ready)
+        assert statuses(raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", wait=0.3)) == [200]
+        server.process.send_signal(signal.SIGHUP)
+        reload_messages = receive_notifications(notify, "READY=1")
+        assert "RELOADING=1" in reload_messages[0] and "MONOTONIC_USEC=" in reload_messages[0]
+        server.stop()
+        assert any("STOPPING=1" in message for message in receive_notifications(notify, "STOPPING=1"))
+
+
+def test_reload_applies_a_changed_env_file(start_server: StartServer, tmp_path: Path) -> None:
+    env_file = tmp_path / "fastcount.env"
+    env_file.write_text("# settings\nFASTCOUNT_MAX_BODY=100000\n")
+    server = start_server("--env-file", str(env_file), workers=1)
+    big = {"key": "reload-" + "k" * 200, "value": 1}
+    assert request(server.port, "POST", "/increment", big)[0] == 202
+    env_file.write_text("FASTCOUNT_MAX_BODY=100\nFASTCOUNT_BACKLOG=1000\nFASTCOUNT_PORT=1\n")
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"event=reload_done generation=1")
+    assert "event=reload_settings_need_restart settings=backlog" in server.log  # --port on the command line wins
+    assert request(server.port, "POST", "/increment", big)[0] == 413, "the new body limit is in force"
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    unit = (ROOT / "systemd" / "fastcount.service").read_text()
+    fastcount = Path(sys.executable).with_name("fastcount")
+    assert "/opt/fastcount/.venv/bin/fastcount" in unit
+    (tmp_path / "fastcount.service").write_text(unit.replace("/opt/fastcount/.venv/bin/fastcount", str(fastcount)))
+    result = subprocess.run([analyze, "verify", str(tmp_path / "fastcount.service")], capture_output=True, text=True)
+    problems = [line for line in result.stderr.splitlines() if "fastcount.service" in line]
+    assert result.returncode == 0 and not problems, result.stderr
