@@ -148,6 +148,7 @@ class Fastcount(Contender):
             )
             conn.execute("TRUNCATE counters")
         command = [sys.executable, "-m", "fastcount", "serve", "--port", str(port), "--workers", "1", "--dsn", self.dsn]
+        command += ["--admin-port", str(free_port())]  # every feature on, metrics included
         return subprocess.Popen(["taskset", "-c", SERVER_CPU, *command], cwd=ROOT, stderr=subprocess.DEVNULL)
 
     def after(self, process: subprocess.Popen[bytes], completed: int, connections: int) -> str:
