@@ -49,6 +49,9 @@ RESTART_ONLY = (
 )  # fmt: skip
 
 
+SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
 class MasterError(RuntimeError):
     pass
 
@@ -131,6 +134,8 @@ class Master:
         self.metrics = MetricsBook(settings.workers)
         self.systemd = SystemdNotifier()
         self.admin: AdminServer | None = None
+        # systemd talks to the master alone (NotifyAccess=main): workers do not get its sockets.
+        self._worker_environ = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
 
     # -- the main loop ----------------------------------------------------------------------------------------------
 
@@ -254,7 +259,7 @@ class Master:
             process = subprocess.Popen(
                 command,
                 pass_fds=(listen_fd, write_end),
-                env={**os.environ, CONFIG_ENV: worker_config(self.settings, self.dsn)},
+                env={**self._worker_environ, CONFIG_ENV: worker_config(self.settings, self.dsn)},
             )
         finally:
             os.close(write_end)
