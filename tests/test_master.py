@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-from conftest import Database, StartServer
+from conftest import ROOT, Database, StartServer, free_port
 from httpclient import request
 from load import Load
 
@@ -50,3 +53,34 @@ def test_sigint_stops_gracefully_like_sigterm(start_server: StartServer, databas
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(30) == 0
     assert database.total(prefix) == 3
+
+
+def test_workers_that_cannot_boot_stop_the_master_instead_of_looping(database: Database, tmp_path: Path) -> None:
+    # A sitecustomize that kills only worker interpreters stands for new code that does not import.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nif 'fastcount.server.worker' in sys.orig_argv:\n    os._exit(1)\n"
+    )
+    command = [sys.executable, "-m", "fastcount", "serve", "--host", "127.0.0.1", "--port", str(free_port())]
+    command += ["--workers", "2", "--dsn", database.dsn, "--admin-port", "0"]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "event=master_halt" in result.stderr and "failed to boot" in result.stderr
+    assert result.stderr.count("event=worker_spawned") == 2, "no respawn loop"
+
+
+def test_reload_into_code_that_cannot_boot_keeps_the_old_workers(start_server: StartServer, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        f"if 'fastcount.server.worker' in sys.orig_argv and os.path.exists({str(broken)!r}):\n"
+        "    os._exit(1)\n"
+    )
+    server = start_server(workers=2, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    before = set(server.worker_pids())
+    broken.touch()
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"event=reload_aborted")
+    assert set(server.worker_pids()) == before
+    assert request(server.port, "GET", "/healthz")[0] == 200
+    assert server.process.poll() is None

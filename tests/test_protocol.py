@@ -200,10 +200,10 @@ def test_http10_closes_by_default_and_keeps_alive_when_asked() -> None:
 def test_idle_connection_is_closed_after_the_keepalive_timeout() -> None:
     protocol, transport = connect()
     feed(protocol, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
-    protocol.on_tick(1)  # bytes arrived during this tick
-    protocol.on_tick(2)
+    protocol.on_tick()  # bytes arrived during this tick
+    protocol.on_tick()
     assert not transport.closed
-    protocol.on_tick(3)
+    protocol.on_tick()
     assert transport.closed
 
 
@@ -212,8 +212,8 @@ def test_slow_request_gets_408_after_the_read_timeout() -> None:
     feed(protocol, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     for tick in range(1, 4):
         feed(protocol, b"d" if tick < 3 else b"")  # trickling bytes does not extend the deadline
-        protocol.on_tick(tick)
+        protocol.on_tick()
     assert not transport.closed
-    protocol.on_tick(4)
+    protocol.on_tick()
     assert responses(transport.written)[0][0] == 408
     assert transport.closed

@@ -31,7 +31,7 @@ import orjson
 from fastcount.observability.admin import AdminServer
 from fastcount.observability.metrics import MetricsBook
 from fastcount.observability.systemd import SystemdNotifier
-from fastcount.server.worker import CONFIG_ENV, EXIT_BOOT_ERROR, worker_config
+from fastcount.server.worker import CONFIG_ENV, worker_config
 from fastcount.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,9 @@ class Master:
         self.metrics.worker_restarts += 1
         slot = self.slots[worker.slot]
         lived = time.monotonic() - worker.started
-        if code == EXIT_BOOT_ERROR and not worker.ready:
+        # Exited on its own (not killed by a signal: Popen reports those as negative codes) before it ever served:
+        # the code or the settings do not boot (EXIT_BOOT_ERROR, or an import error's 1). Respawning cannot help.
+        if code > 0 and not worker.ready:
             if self.reload_queue:  # the new code or settings do not boot: keep the workers that do
                 log.error("event=reload_aborted generation=%d reason=worker_boot_failed", self.generation)
                 self.reload_queue.clear()

@@ -54,7 +54,7 @@ class ConnectionLimits:
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("connections", "limits", "renderer", "router", "stats", "stopping", "tick")
+    __slots__ = ("connections", "limits", "renderer", "router", "stats", "stopping")
 
     def __init__(self, router: Router, limits: ConnectionLimits, stats: WorkerStats) -> None:
         self.router = router
@@ -62,7 +62,6 @@ class ServerState:
         self.limits = limits
         self.stats = stats
         self.connections: set[HttpProtocol] = set()
-        self.tick = 0
         self.stopping = False
 
 
@@ -476,7 +475,7 @@ class HttpProtocol(asyncio.Protocol):
         stats.bytes_sent += self.bytes_out
         self.requests = self.bytes_in = self.bytes_out = 0
 
-    def on_tick(self, tick: int) -> None:
+    def on_tick(self) -> None:
         """Enforce timeouts; while the worker stops, close connections that have gone quiet."""
         self.quiet_ticks = 0 if self.bytes_in else self.quiet_ticks + 1
         self.stalled_ticks = self.stalled_ticks + 1 if self.in_message and not self.requests else 0

@@ -129,9 +129,8 @@ class Worker:
             if second <= last_second:
                 continue
             last_second = second
-            state.tick += 1
             for connection in list(state.connections):
-                connection.on_tick(state.tick)
+                connection.on_tick()
             self._publish(state, features)
             if os.getppid() != self.master_pid and self.stop_requested is not None:
                 log.warning("event=master_gone slot=%d", self.slot)
