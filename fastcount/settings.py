@@ -31,6 +31,11 @@ class Settings:
     max_pending_keys: int = _knob(
         1_000_000, "pending keys per worker (unflushed + in retry) past which new keys get 503", minimum=1
     )
+    crash_journal_mb: int = _knob(
+        32,
+        "MiB per crash-journal region (3 per worker, memory used as filled); 0 turns the journal off",
+        minimum=0,
+    )
     max_body: int = _knob(65_536, "largest request body in bytes; larger gets 413", minimum=1)
     max_header_bytes: int = _knob(8_192, "largest request line + header section in bytes; larger gets 431", minimum=256)
     keepalive_timeout: float = _knob(5.0, "seconds an idle keep-alive connection is kept open", minimum=1)

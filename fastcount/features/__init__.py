@@ -20,6 +20,7 @@ class Features:
     routes: list[Route]
     buffers: list[FlushBuffer]
     gauges: Callable[[], dict[str, float]]  # read on the worker's tick, published as per-worker metrics
+    journaled: PendingCounts  # the buffer whose accepted requests go to the crash journal
 
 
 def build_features(settings: Settings, flusher: Flusher, read_pool: AsyncConnectionPool[Any]) -> Features:
@@ -29,6 +30,7 @@ def build_features(settings: Settings, flusher: Flusher, read_pool: AsyncConnect
     return Features(
         routes=[*increment.routes(), *health.routes()],
         buffers=[pending_counts],
+        journaled=pending_counts,
         gauges=lambda: {
             "pending_keys": len(pending_counts.pending),
             "retrying_keys": pending_counts.unacknowledged_keys if flusher.failing_since is not None else 0,

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from fastcount.server.responses import Response, constant_error, error_response, json_response
 from fastcount.server.routing import Route
+from fastcount.store.journal import Journal
 
 MAX_VALUE = 2**53 - 1
 MAX_KEY_BYTES = 256
@@ -45,6 +46,7 @@ UPSERT_FROM_STAGING = """
     ON CONFLICT (key) DO UPDATE SET value = c.value + EXCLUDED.value, updated_at = EXCLUDED.updated_at
 """
 READ_COUNTER = "SELECT key, value, updated_at FROM counters WHERE key = %s"
+SNAPSHOT_MARK = b"S"  # starts a journal record that sums up earlier ones; no JSON text starts with it
 
 
 class InvalidIncrement(ValueError):
@@ -69,7 +71,7 @@ def _check_item(item: object, where: str) -> tuple[str, int]:
     return key, value
 
 
-def parse_increments(body: bytes) -> list[tuple[str, int]]:
+def parse_increments(body: bytes, max_items: int | None = MAX_ITEMS) -> list[tuple[str, int]]:
     """The (key, value) pairs of a request body; raises InvalidIncrement naming the first problem."""
     try:
         document = orjson.loads(body)
@@ -78,8 +80,8 @@ def parse_increments(body: bytes) -> list[tuple[str, int]]:
     if type(document) is list:
         if not document:
             raise InvalidIncrement("array must hold at least one increment")
-        if len(document) > MAX_ITEMS:
-            raise InvalidIncrement(f"array holds more than {MAX_ITEMS} increments")
+        if max_items is not None and len(document) > max_items:
+            raise InvalidIncrement(f"array holds more than {max_items} increments")
         return [_check_item(item, f"item {index}: ") for index, item in enumerate(document)]
     return [_check_item(document, "")]
 
@@ -89,7 +91,14 @@ class PendingCounts:
 
     name = "increment"
 
-    __slots__ = ("flush_max_keys", "max_pending_keys", "pending", "request_flush", "unacknowledged_keys")
+    __slots__ = (
+        "flush_max_keys",
+        "journal",
+        "max_pending_keys",
+        "pending",
+        "request_flush",
+        "unacknowledged_keys",
+    )
 
     def __init__(self, max_pending_keys: int, flush_max_keys: int, request_flush: Callable[[], None]) -> None:
         self.pending: dict[str, int] = {}
@@ -97,12 +106,26 @@ class PendingCounts:
         self.max_pending_keys = max_pending_keys
         self.flush_max_keys = flush_max_keys
         self.request_flush = request_flush
+        self.journal: Journal | None = None  # the crash journal: every accepted body, until its batch is committed
 
-    def add_all(self, items: list[tuple[str, int]]) -> bool:
+    def journal_full(self, body: bytes) -> bool:
+        """The journal's region is full: sum it up into one record, then append. False if it still cannot hold it."""
+        journal = self.journal
+        assert journal is not None
+        snapshot = SNAPSHOT_MARK + orjson.dumps(self.pending)
+        if journal.compact(snapshot) and journal.append(body):
+            return True
+        self.request_flush()
+        return False
+
+    def add_all(self, items: list[tuple[str, int]], body: bytes) -> bool:
         """Add every item, or none when that would pass the bound."""
         pending = self.pending
         new_keys = sum(1 for key, _ in items if key not in pending)
         if new_keys and len(pending) + new_keys + self.unacknowledged_keys > self.max_pending_keys:
+            return False
+        journal = self.journal
+        if journal is not None and not journal.append(body) and not self.journal_full(body):
             return False
         size_before = len(pending)
         for key, value in items:
@@ -116,15 +139,36 @@ class PendingCounts:
 
     # -- FlushBuffer ------------------------------------------------------------------------------------------------
 
-    def take(self) -> dict[str, int] | None:
+    def take(self, seq: int) -> dict[str, int] | None:
         if not self.pending:
             return None
         batch, self.pending = self.pending, {}
         self.unacknowledged_keys = len(batch)
+        if self.journal is not None:
+            self.journal.take(seq)
         return batch
 
     def acknowledge(self) -> None:
         self.unacknowledged_keys = 0
+        if self.journal is not None:
+            self.journal.acknowledge()
+
+    @staticmethod
+    def replay(records: list[bytes]) -> dict[str, int]:
+        """The counts in a dead worker's journal records. A record cut short by the kill does not parse and is
+        skipped: it was never answered."""
+        counts: dict[str, int] = {}
+        for record in records:
+            if record.startswith(SNAPSHOT_MARK):
+                items = list(orjson.loads(record[len(SNAPSHOT_MARK) :]).items())
+            else:
+                try:
+                    items = parse_increments(record, max_items=None)
+                except InvalidIncrement:
+                    continue
+            for key, value in items:
+                counts[key] = counts.get(key, 0) + value
+        return counts
 
     def describe(self, batch: dict[str, int]) -> tuple[int, int]:
         return len(batch), sum(batch.values())
@@ -178,11 +222,19 @@ class IncrementFeature:
             ):
                 counts = pending.pending
                 current = counts.get(key)
+                if current is None and len(counts) + pending.unacknowledged_keys >= pending.max_pending_keys:
+                    return OVERLOADED
+                journal = pending.journal
+                if journal is not None:  # journal before answering: a crash after the 202 loses nothing
+                    end = journal.pos + len(body)
+                    if end < journal.end:
+                        journal.mm[journal.pos : end] = body
+                        journal.pos = end + 1
+                    elif not pending.journal_full(body):
+                        return OVERLOADED
                 if current is not None:
                     counts[key] = current + value
                     return ACCEPTED
-                if len(counts) + pending.unacknowledged_keys >= pending.max_pending_keys:
-                    return OVERLOADED
                 counts[key] = value
                 if len(counts) == pending.flush_max_keys:
                     pending.request_flush()
@@ -191,7 +243,7 @@ class IncrementFeature:
             items = parse_increments(body)
         except InvalidIncrement as problem:
             return error_response(400, str(problem))
-        return ACCEPTED if pending.add_all(items) else OVERLOADED
+        return ACCEPTED if pending.add_all(items, body) else OVERLOADED
 
     async def handle_read_counter(self, path: bytes, query: bytes, body: bytes) -> Response:
         raw_key = unquote_to_bytes(path[len(b"/counters/") :])

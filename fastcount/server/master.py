@@ -33,6 +33,7 @@ from fastcount.observability.metrics import MetricsBook
 from fastcount.observability.systemd import SystemdNotifier
 from fastcount.server.worker import CONFIG_ENV, worker_config
 from fastcount.settings import Settings
+from fastcount.store.journal import journal_size
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class WorkerProcess:
     ready: bool = False
     retiring: bool = False  # told to stop; its slot already has (or will get) a successor
     unread: bytes = b""  # a status message not yet complete
+    journal_fd: int = -1  # its crash journal (a memfd): kept if it dies without flushing
+    recovering: list[int] = field(default_factory=list)  # dead workers' journals it was given
 
     @property
     def pid(self) -> int:
@@ -79,6 +82,7 @@ class Slot:
     sock: socket.socket
     failures: int = 0
     next_spawn_at: float = 0.0
+    orphans: list[int] = field(default_factory=list)  # journals of dead workers, until a successor commits them
 
 
 def somaxconn() -> int | None:
@@ -255,16 +259,24 @@ class Master:
             sys.executable, "-m", "fastcount.server.worker",
             "--slot", str(slot.index), "--listen-fd", str(listen_fd), "--status-fd", str(write_end),
         ]  # fmt: skip
+        journal_fd = -1
+        if self.settings.crash_journal_mb:
+            journal_fd = os.memfd_create(f"fastcount-journal-w{slot.index}")
+            os.ftruncate(journal_fd, journal_size(self.settings.crash_journal_mb << 20))
+            command += ["--journal-fd", str(journal_fd)]
+        for orphan in slot.orphans:
+            command += ["--recover-fd", str(orphan)]
         try:
             process = subprocess.Popen(
                 command,
-                pass_fds=(listen_fd, write_end),
+                pass_fds=(listen_fd, write_end, *([journal_fd] if journal_fd >= 0 else []), *slot.orphans),
                 env={**self._worker_environ, CONFIG_ENV: worker_config(self.settings, self.dsn)},
             )
         finally:
             os.close(write_end)
         os.set_blocking(read_end, False)
-        worker = WorkerProcess(process, slot.index, self.generation, read_end)
+        worker = WorkerProcess(process, slot.index, self.generation, read_end, journal_fd=journal_fd)
+        worker.recovering = list(slot.orphans)
         self.workers[process.pid] = worker
         log.info("event=worker_spawned slot=%d pid=%d generation=%d", slot.index, process.pid, self.generation)
         return worker
@@ -301,12 +313,33 @@ class Master:
                 worker.ready = True
                 worker.last_heartbeat = now
                 log.info("event=worker_ready slot=%d pid=%d", worker.slot, worker.pid)
+            elif line == b"J":
+                self._journals_recovered(worker)
             elif line.startswith(b"S"):
                 worker.last_heartbeat = now
                 try:
                     self.metrics.record(worker.pid, worker.slot, orjson.loads(line[1:]))
                 except orjson.JSONDecodeError:
                     log.warning("event=bad_worker_message slot=%d pid=%d", worker.slot, worker.pid)
+
+    def _journals_recovered(self, worker: WorkerProcess) -> None:
+        slot = self.slots[worker.slot]
+        for fd in worker.recovering:
+            if fd in slot.orphans:
+                slot.orphans.remove(fd)
+                os.close(fd)
+        log.info("event=journals_recovered slot=%d pid=%d journals=%d", worker.slot, worker.pid, len(worker.recovering))
+        worker.recovering = []
+
+    def _keep_or_free_journal(self, worker: WorkerProcess, code: int) -> None:
+        if worker.journal_fd < 0:
+            return
+        if code == 0:  # a clean exit flushed everything: the journal is empty
+            os.close(worker.journal_fd)
+        else:
+            self.slots[worker.slot].orphans.append(worker.journal_fd)
+            log.warning("event=journal_kept slot=%d pid=%d code=%d", worker.slot, worker.pid, code)
+        worker.journal_fd = -1
 
     def _every_slot_serving(self) -> bool:
         serving = {worker.slot for worker in self.workers.values() if worker.ready and not worker.retiring}
@@ -321,6 +354,7 @@ class Master:
             if worker.pipe >= 0:
                 self._drain_final_messages(worker)
             self.metrics.retire(worker.pid)
+            self._keep_or_free_journal(worker, code)
             self._account_exit(worker, code)
 
     def _drain_final_messages(self, worker: WorkerProcess) -> None:
@@ -440,6 +474,9 @@ class Master:
         while self.workers:
             self.sleep(0.1)
             self.reap_workers()
+        unrecovered = sum(len(slot.orphans) for slot in self.slots)
+        if unrecovered:
+            log.error("event=journals_lost count=%d reason=stopped_before_a_worker_could_flush_them", unrecovered)
         log.info("event=stopped restarts=%d", self.metrics.worker_restarts)
 
     def _signal(self, worker: WorkerProcess, signum: int) -> None:

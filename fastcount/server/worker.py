@@ -35,6 +35,7 @@ from fastcount.server.protocol import ConnectionLimits, HttpProtocol, ServerStat
 from fastcount.server.routing import Router
 from fastcount.settings import Settings
 from fastcount.store.flusher import Flusher, writer_identity
+from fastcount.store.journal import Journal, recover
 
 log = logging.getLogger("fastcount.server.worker")  # not __name__: it is "__main__" when run with -m
 
@@ -42,11 +43,23 @@ EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_BOOT_ERROR = 3  # failed before serving: the master stops rather than respawn into a crash loop
 MSG_READY = b"R\n"
+MSG_JOURNALS_RECOVERED = b"J\n"  # every batch of the dead workers' journals we were given is committed
 CONFIG_ENV = "FASTCOUNT_WORKER_CONFIG"  # settings and DSN, as JSON, from the master
 
 
 class Worker:
-    def __init__(self, slot: int, sock: socket.socket, settings: Settings, dsn: str, status_pipe: int) -> None:
+    def __init__(
+        self,
+        slot: int,
+        sock: socket.socket,
+        settings: Settings,
+        dsn: str,
+        status_pipe: int,
+        journal_fd: int = -1,
+        recover_fds: tuple[int, ...] = (),
+    ) -> None:
+        self.journal_fd = journal_fd
+        self.recover_fds = recover_fds
         self.slot = slot
         self.sock = sock
         self.settings = settings
@@ -88,6 +101,7 @@ class Worker:
         await read_pool.open(wait=False)
         features = build_features(settings, flusher, read_pool)
         flusher.buffers = features.buffers
+        self._open_journals(flusher, features)
 
         limits = ConnectionLimits(
             max_body=settings.max_body,
@@ -142,6 +156,32 @@ class Worker:
         gauges = {"connections_open": len(state.connections), **features.gauges()}
         self._tell_master(state.stats.snapshot(answers, gauges))
 
+    def _open_journals(self, flusher: Flusher, features: Features) -> None:
+        """Start our crash journal; hand the flusher what dead workers' journals still hold, under their identity."""
+        buffer = features.journaled
+        if self.journal_fd >= 0:
+            buffer.journal = Journal(self.journal_fd, flusher.writer_of(buffer))
+        recovered = [batch for fd in self.recover_fds for batch in recover(fd)]
+        for batch in recovered:
+            counts = buffer.replay(batch.records)
+            log.warning(
+                "event=journal_recovered slot=%d writer=%s seq=%d keys=%d total=%d",
+                self.slot,
+                batch.writer,
+                batch.seq,
+                len(counts),
+                sum(counts.values()),
+            )
+            flusher.adopt(buffer, batch.writer, batch.seq, counts)
+        for fd in self.recover_fds:
+            os.close(fd)
+        if not self.recover_fds:
+            return
+        if recovered:
+            flusher.on_adopted_written = lambda: self._tell_master(MSG_JOURNALS_RECOVERED)
+        else:
+            self._tell_master(MSG_JOURNALS_RECOVERED)
+
     def _tell_master(self, message: bytes) -> None:
         try:
             os.write(self.status_pipe, message)  # under PIPE_BUF, so all or nothing
@@ -158,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slot", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--status-fd", type=int, required=True)
+    parser.add_argument("--journal-fd", type=int, default=-1)
+    parser.add_argument("--recover-fd", type=int, action="append", default=[])
     args = parser.parse_args(argv)
     config = orjson.loads(os.environ.pop(CONFIG_ENV))
     settings = Settings(**config["settings"])
@@ -165,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sock = socket.socket(fileno=args.listen_fd)
         os.set_blocking(args.status_fd, False)
-        return Worker(args.slot, sock, settings, config["dsn"], args.status_fd).run()
+        worker = Worker(
+            args.slot, sock, settings, config["dsn"], args.status_fd, args.journal_fd, tuple(args.recover_fd)
+        )
+        return worker.run()
     except Exception:
         log.exception("event=worker_boot_failed slot=%d", args.slot)
         return EXIT_BOOT_ERROR

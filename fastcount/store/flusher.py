@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,8 +45,8 @@ class FlushBuffer(Protocol):
 
     name: str
 
-    def take(self) -> Any | None:
-        """Swap out everything pending (O(1)) and return it, or None when there is nothing."""
+    def take(self, seq: int) -> Any | None:
+        """Swap out everything pending (O(1)) as batch `seq` and return it, or None when there is nothing."""
 
     def acknowledge(self) -> None:
         """The batch last taken is durable: forget it."""
@@ -59,6 +60,7 @@ class FlushBuffer(Protocol):
 
 @dataclass
 class InFlight:
+    writer: str  # the ledger identity: this worker's, or a dead worker's for a batch recovered from its journal
     seq: int
     batch: Any
     keys: int
@@ -81,6 +83,8 @@ class Flusher:
         self.failing_since: float | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._in_flight: dict[str, InFlight] = {}
+        self._adopted: list[tuple[FlushBuffer, InFlight]] = []  # dead workers' batches, written first
+        self.on_adopted_written: Callable[[], None] | None = None
         self._next_seq = 1
         self._wake = asyncio.Event()
         self._stopping = False
@@ -89,6 +93,15 @@ class Flusher:
         self._drop_after_commits = int(os.environ.get(FAILPOINT_ENV, "0") or 0)
 
     def request_flush(self) -> None:
+        self._wake.set()
+
+    def writer_of(self, buffer: FlushBuffer) -> str:
+        return f"{self.writer}/{buffer.name}"
+
+    def adopt(self, buffer: FlushBuffer, writer: str, seq: int, batch: Any) -> None:
+        """Write a batch a dead worker left, under its identity, before anything of ours."""
+        keys, total = buffer.describe(batch)
+        self._adopted.append((buffer, InFlight(writer, seq, batch, keys, total)))
         self._wake.set()
 
     async def run(self) -> None:
@@ -107,15 +120,22 @@ class Flusher:
 
     async def flush_all(self) -> tuple[bool, bool]:
         """One pass over every buffer: (all written, anything was taken). A failed batch stays in flight."""
-        took_any = False
+        took_any = bool(self._adopted)
+        while self._adopted:
+            adopted_buffer, adopted = self._adopted[0]
+            if not await self._write(adopted_buffer, adopted):
+                return False, took_any
+            self._adopted.pop(0)
+            if not self._adopted and self.on_adopted_written is not None:
+                self.on_adopted_written()
         for buffer in self.buffers:
             in_flight = self._in_flight.get(buffer.name)
             if in_flight is None:
-                batch = buffer.take()
+                batch = buffer.take(self._next_seq)
                 if batch is None:
                     continue
                 keys, total = buffer.describe(batch)
-                in_flight = InFlight(self._next_seq, batch, keys, total)
+                in_flight = InFlight(self.writer_of(buffer), self._next_seq, batch, keys, total)
                 self._next_seq += 1
                 self._in_flight[buffer.name] = in_flight
             took_any = True
@@ -141,7 +161,7 @@ class Flusher:
         self._wake.clear()
 
     async def _write(self, buffer: FlushBuffer, in_flight: InFlight) -> bool:
-        writer = f"{self.writer}/{buffer.name}"
+        writer = in_flight.writer
         started = time.perf_counter()
         try:
             conn = await self._connection()
@@ -207,7 +227,7 @@ class Flusher:
         self._last_prune = now
         try:
             for buffer in self.buffers:
-                await self._conn.execute(PRUNE_OWN_BATCHES, (f"{self.writer}/{buffer.name}", self._next_seq - 1))
+                await self._conn.execute(PRUNE_OWN_BATCHES, (self.writer_of(buffer), self._next_seq - 1))
         except psycopg.Error as error:
             log.warning("event=ledger_prune_failed error=%r", str(error).strip())
             await self._close()
