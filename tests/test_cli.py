@@ -114,3 +114,10 @@ def test_serve_without_dsn_runs_and_stops_the_embedded_postgres() -> None:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_env_example_lists_every_setting() -> None:
+    example = (ROOT / "systemd" / "fastcount.env.example").read_text()
+    for spec in dataclasses.fields(Settings):
+        if spec.name != "env_file":
+            assert Settings.env_name(spec.name) + "=" in example, spec.name
