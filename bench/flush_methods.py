@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastcount.features.increment import upsert_with_copy, upsert_with_unnest  # noqa: E402
 from fastcount.store.database import connect, migrate_async  # noqa: E402
-from fastcount.store.embedded import EmbeddedPostgres  # noqa: E402
+from fastcount.store.embedded import temporary_postgres  # noqa: E402
 
 Method = Callable[[Any, dict[str, int]], Awaitable[None]]
 SIZES = (10, 100, 1_000, 5_000, 10_000, 50_000)
@@ -70,14 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="fastcount-flush-bench-"))
-    workdir.chmod(0o755)
-    database = EmbeddedPostgres(workdir / "db")
-    try:
-        asyncio.run(measure(database.start(), args.repeat))
-    finally:
-        database.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with temporary_postgres("fastcount-flush-bench-") as database:
+        asyncio.run(measure(database.dsn, args.repeat))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ sys.path.insert(0, str(BENCH))
 
 from run import free_port, run_wrk, wait_for_port  # noqa: E402
 
-from fastcount.store.embedded import EmbeddedPostgres  # noqa: E402
+from fastcount.store.embedded import temporary_postgres  # noqa: E402
 
 
 def worker_pids(master: int) -> list[int]:
@@ -91,16 +89,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=12.0)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="fastcount-reload-bench-"))
-    workdir.chmod(0o755)
-    database = EmbeddedPostgres(workdir / "db")
-    dsn = database.start()
-    try:
+    with temporary_postgres("fastcount-reload-bench-") as database:
         for name in ("reload", "kill"):
-            scenario(name, dsn, args.duration, workdir / f"{name}.log")
-    finally:
-        database.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+            scenario(name, database.dsn, args.duration, database.data_dir.parent / f"{name}.log")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-from fastcount.store.embedded import EmbeddedPostgres  # noqa: E402
+from fastcount.store.embedded import temporary_postgres  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_CPU = "0"
@@ -245,19 +244,15 @@ def main() -> int:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
 
-    workdir = Path(tempfile.mkdtemp(prefix="fastcount-bench-"))
-    workdir.chmod(0o755)  # as root, the embedded PostgreSQL runs as another user who must reach it
-    database = EmbeddedPostgres(workdir / "db")
-    dsn = database.start()
-    contenders: list[Contender] = [Fastcount(dsn), Uvicorn()]
-    if shutil.which("nginx"):
-        contenders.append(Nginx(workdir))
-    else:
-        print("nginx not installed (Debian: apt-get install nginx-light): no nginx baseline", file=sys.stderr)
-    if args.only:
-        contenders = [c for c in contenders if c.name in args.only.split(",")]
     results: list[Measurement] = []
-    try:
+    with temporary_postgres("fastcount-bench-") as database:
+        contenders: list[Contender] = [Fastcount(database.dsn), Uvicorn()]
+        if shutil.which("nginx"):
+            contenders.append(Nginx(database.data_dir.parent))
+        else:
+            print("nginx not installed (Debian: apt-get install nginx-light): no nginx baseline", file=sys.stderr)
+        if args.only:
+            contenders = [c for c in contenders if c.name in args.only.split(",")]
         for round_ in range(1, args.rounds + 1):
             for contender in contenders:  # alternate, so drift on this shared machine hits every contender alike
                 result = measure(contender, round_, args)
@@ -269,9 +264,6 @@ def main() -> int:
                     f"errors {result.socket_errors}  {result.checked_total}",
                     flush=True,
                 )
-    finally:
-        database.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
     cpu = {name: statistics.median(r.cpu_us_per_request for r in results if r.contender == name) for name in
            {r.contender for r in results}}  # fmt: skip

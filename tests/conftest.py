@@ -6,13 +6,13 @@ PostgreSQL is the embedded one (the same code `fastcount serve` uses), or FASTCO
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from fastcount.store.database import SCHEMA
-from fastcount.store.embedded import EmbeddedPostgres
+from fastcount.store.embedded import EmbeddedPostgres, temporary_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,19 +50,16 @@ class Database:
 @pytest.fixture(scope="session")
 def database() -> Iterator[Database]:
     dsn = os.environ.get("FASTCOUNT_TEST_DSN")
-    if dsn:
-        db = Database(dsn)
-    else:
-        workdir = Path(tempfile.mkdtemp(prefix="fastcount-test-"))
-        workdir.chmod(0o755)  # as root, PostgreSQL runs as another user who must reach its data directory
-        embedded = EmbeddedPostgres(workdir / "db")
-        db = Database(embedded.start(), embedded)
-    with psycopg.connect(db.dsn, autocommit=True) as conn:
-        for statement in SCHEMA:
-            conn.execute(statement)  # type: ignore[call-overload]
-    yield db
-    if db.embedded is not None:
-        db.embedded.stop()
+    with contextlib.ExitStack() as stack:
+        if dsn:
+            db = Database(dsn)
+        else:
+            embedded = stack.enter_context(temporary_postgres("fastcount-test-"))
+            db = Database(embedded.dsn, embedded)
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            for statement in SCHEMA:
+                conn.execute(statement)  # type: ignore[call-overload]
+        yield db
 
 
 def free_port() -> int:

@@ -15,6 +15,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -197,3 +199,17 @@ class EmbeddedPostgres:
             if not mode & 0o001:
                 os.chmod(parent, mode | 0o001)
                 log.warning("event=granted_search_permission path=%s for_user=%s", parent, self._run_as)
+
+
+@contextmanager
+def temporary_postgres(prefix: str = "fastcount-") -> Iterator[EmbeddedPostgres]:
+    """A throw-away cluster for tests and benchmarks: started in a new temporary directory, removed after."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)  # as root, PostgreSQL runs as another user, who must reach its data directory
+    database = EmbeddedPostgres(workdir / "db")
+    try:
+        database.start()
+        yield database
+    finally:
+        database.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
