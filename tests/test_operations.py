@@ -50,6 +50,7 @@ def test_metrics_have_per_worker_series_that_add_up(start_server: StartServer, p
     assert set(by_worker(samples["fastcount_http_requests_total"])) == {"0", "1"}
     assert sum(by_worker(samples["fastcount_http_requests_total"]).values()) == 41
     assert set(by_worker(samples["fastcount_postgres_connected"]).values()) == {1.0}
+    assert set(by_worker(samples["fastcount_journal_used_bytes"])) == {"0", "1"}
     assert all(value > 0 for value in by_worker(samples["fastcount_worker_resident_memory_bytes"]).values())
     assert "fastcount_flush_duration_seconds_bucket" in samples
     assert samples["fastcount_workers_ready"][()] == 2

@@ -35,5 +35,6 @@ def build_features(settings: Settings, flusher: Flusher, read_pool: AsyncConnect
             "pending_keys": len(pending_counts.pending),
             "retrying_keys": pending_counts.unacknowledged_keys if flusher.failing_since is not None else 0,
             "postgres_connected": int(flusher.connected),
+            "journal_used_bytes": pending_counts.journal.used_bytes() if pending_counts.journal else 0,
         },
     )

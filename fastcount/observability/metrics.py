@@ -32,6 +32,10 @@ GAUGES = {
     "pending_keys": ("fastcount_pending_keys", "distinct keys counted in memory, not yet taken by a flush"),
     "retrying_keys": ("fastcount_flush_backlog_keys", "keys of a batch that failed to flush and is being retried"),
     "postgres_connected": ("fastcount_postgres_connected", "1 when the flusher holds a PostgreSQL connection"),
+    "journal_used_bytes": (
+        "fastcount_journal_used_bytes",
+        "bytes of the crash journal's active region in use (compacted when full; 503 if that fails)",
+    ),
     "resident_memory_bytes": ("fastcount_worker_resident_memory_bytes", "resident memory of the worker process"),
     "open_fds": ("fastcount_worker_open_fds", "open file descriptors of the worker process"),
 }

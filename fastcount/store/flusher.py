@@ -108,7 +108,16 @@ class Flusher:
         """Flush on every tick until stopped, then until a pass finds nothing left."""
         while True:
             await self._wait_until_due()
-            written, took_any = await self.flush_all()
+            try:
+                written, took_any = await self.flush_all()
+            except Exception:
+                # Not a database error (those are retried inside): a bug. Keep the batch, keep trying, never stop
+                # flushing silently; the batch stays in flight and the journal keeps it.
+                log.exception("event=flush_crashed")
+                self.stats.flush_errors += 1
+                self._retry_delay = RETRY_MAX_DELAY
+                await self._close()
+                continue
             if self._stopping and written and not took_any:
                 break
         await self._close()

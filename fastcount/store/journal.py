@@ -77,6 +77,10 @@ class Journal:
         self.pos = self._start(region)
         self.end = self.pos + self.region_bytes - 1
 
+    def used_bytes(self) -> int:
+        """How much of the active region is taken (it is compacted, or requests get 503, when full)."""
+        return self.pos - self._start(self.active)
+
     def append(self, record: bytes) -> bool:
         """The slow-path append (the request path inlines the common case). False when the region is full."""
         end = self.pos + len(record)
