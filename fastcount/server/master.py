@@ -282,29 +282,32 @@ class Master:
         return worker
 
     def read_worker_messages(self) -> None:
-        now = time.monotonic()
         for worker in self.workers.values():
-            if worker.pipe < 0:
-                continue
-            data = b""
-            try:
-                while True:
-                    chunk = os.read(worker.pipe, 65536)
-                    if not chunk:  # the worker closed its end: it is exiting; reap_workers will collect it
-                        os.close(worker.pipe)
-                        worker.pipe = -1
-                        break
-                    data += chunk
-            except BlockingIOError:
-                pass
-            if data:
-                self._handle_messages(worker, data, now)
+            self._read_pipe(worker)
         serving = self._every_slot_serving()
         if serving and not self.serving:
             log.info("event=serving port=%d workers=%d", self.port, len(self.slots))
             self.systemd.ready(f"serving on port {self.port} with {len(self.slots)} workers")
         self.serving = serving
         self.metrics.ready_workers = sum(1 for w in self.workers.values() if w.ready and not w.retiring)
+
+    def _read_pipe(self, worker: WorkerProcess) -> None:
+        """Handle every complete message the worker has written; close the pipe at end of file (it is exiting)."""
+        if worker.pipe < 0:
+            return
+        data = b""
+        try:
+            while True:
+                chunk = os.read(worker.pipe, 65536)
+                if not chunk:
+                    os.close(worker.pipe)
+                    worker.pipe = -1
+                    break
+                data += chunk
+        except BlockingIOError:
+            pass
+        if data:
+            self._handle_messages(worker, data, time.monotonic())
 
     def _handle_messages(self, worker: WorkerProcess, data: bytes, now: float) -> None:
         *lines, worker.unread = (worker.unread + data).split(b"\n")
@@ -328,6 +331,11 @@ class Master:
             if fd in slot.orphans:
                 slot.orphans.remove(fd)
                 os.close(fd)
+                # Another worker given the same journal (a reload during recovery) must not later close
+                # whatever new file reuses this descriptor number.
+                for other in self.workers.values():
+                    if other is not worker and fd in other.recovering:
+                        other.recovering.remove(fd)
         log.info("event=journals_recovered slot=%d pid=%d journals=%d", worker.slot, worker.pid, len(worker.recovering))
         worker.recovering = []
 
@@ -351,21 +359,13 @@ class Master:
             if code is None:
                 continue
             del self.workers[worker.pid]
-            if worker.pipe >= 0:
-                self._drain_final_messages(worker)
+            self._read_pipe(worker)  # its last snapshot, and a "J" it may have sent just before exiting
+            if worker.pipe >= 0:  # exited, but something still holds the write end (cannot happen; be safe)
+                os.close(worker.pipe)
+                worker.pipe = -1
             self.metrics.retire(worker.pid)
             self._keep_or_free_journal(worker, code)
             self._account_exit(worker, code)
-
-    def _drain_final_messages(self, worker: WorkerProcess) -> None:
-        try:
-            data = os.read(worker.pipe, 65536)
-            if data:
-                self._handle_messages(worker, data, time.monotonic())
-        except BlockingIOError:
-            pass
-        os.close(worker.pipe)
-        worker.pipe = -1
 
     def _account_exit(self, worker: WorkerProcess, code: int) -> None:
         if worker.retiring or self.stopping:
