@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import sys
 from typing import Any
 
+from fastcount.app import APPLICATION, schema, settings_sections
 from fastcount.observability.logs import configure_logging
-from fastcount.settings import Settings, parse_bool
+from fastcount.settings import Settings, knob_fields, parse_bool
 
 log = logging.getLogger("fastcount")
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
-    for spec in dataclasses.fields(Settings):
+    for _, spec in knob_fields(settings_sections()):
         if names is not None and spec.name not in names:
             continue
         default = spec.default
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
     try:
-        settings = Settings.from_sources(overrides)
+        settings = Settings.from_sources(overrides, sections=settings_sections())
     except ValueError as problem:
         print(f"fastcount: {problem}", file=sys.stderr)
         return 2
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 def _migrate(dsn: str) -> int:
     from fastcount.store.database import migrate_dsn
 
-    asyncio.run(migrate_dsn(dsn))
+    asyncio.run(migrate_dsn(dsn, schema()))
     log.info("event=migrated")
     return 0
 
@@ -70,7 +70,7 @@ def _serve(settings: Settings, dsn: str, overrides: dict[str, Any]) -> int:
     from fastcount.server.master import Master, MasterError
 
     try:
-        return Master(settings, dsn, overrides).run()
+        return Master(settings, dsn, overrides, APPLICATION, settings_sections()).run()
     except MasterError as error:
         log.error("event=master_failed reason=%r", str(error))
         return 1

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 ENV_PREFIX = "FASTCOUNT_"
+SectionT = TypeVar("SectionT")
 
 
-def _knob(default: Any, help: str, *, minimum: float | None = None) -> Any:
+def knob(default: Any, help: str, *, minimum: float | None = None) -> Any:
+    """A setting: its default, its help line and its check. Features declare theirs with it too."""
     return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+_knob = knob
 
 
 @dataclass(frozen=True)
@@ -49,13 +55,14 @@ class Settings:
     admin_port: int = _knob(3334, "port of the admin listener serving Prometheus metrics; 0 turns it off", minimum=0)
     env_file: str = _knob("", "file of FASTCOUNT_*=value lines, read at start and again on every SIGHUP")
     log_level: str = _knob("info", "debug, info, warning or error")
+    flush_timeout: float = _knob(
+        30.0, "seconds one flush transaction may take (statement timeout; the batch is then retried)", minimum=1
+    )
+    # The features' own settings by name (see `section`); not a knob itself.
+    sections: dict[str, Any] = field(default_factory=dict, compare=False, metadata={"internal": True})
 
     def __post_init__(self) -> None:
-        for spec in dataclasses.fields(self):
-            minimum = spec.metadata["minimum"]
-            value = getattr(self, spec.name)
-            if minimum is not None and value < minimum:
-                raise ValueError(f"{spec.name} must be >= {minimum}, got {value}")
+        check_knobs(self)
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if self.flush_max_keys > self.max_pending_keys:
@@ -65,20 +72,50 @@ class Settings:
     def env_name(field_name: str) -> str:
         return ENV_PREFIX + field_name.upper()
 
+    def section(self, cls: type[SectionT]) -> SectionT:
+        """A feature's settings (a frozen dataclass of knobs), from the values read with the rest."""
+        names = {spec.name for spec in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{name: value for name, value in self.sections.items() if name in names})
+
     @classmethod
-    def from_sources(cls, overrides: dict[str, Any], environ: dict[str, str] | None = None) -> Settings:
-        """Defaults, then the env file, then FASTCOUNT_* variables, then explicit overrides (flags) win."""
+    def from_sources(
+        cls, overrides: dict[str, Any], environ: dict[str, str] | None = None, sections: Sequence[type] = ()
+    ) -> Settings:
+        """Defaults, then the env file, then FASTCOUNT_* variables, then explicit overrides (flags) win. `sections`
+        are the features' settings classes, checked here so a bad value stops the start."""
         environ = dict(os.environ) if environ is None else environ
         env_file = overrides.get("env_file") or environ.get(cls.env_name("env_file"))
         if env_file:
             environ = {**read_env_file(env_file), **environ}
         values: dict[str, Any] = {}
-        for spec in dataclasses.fields(cls):
+        for _owner, spec in knob_fields(sections):
             raw = environ.get(cls.env_name(spec.name))
             if raw is not None:
                 values[spec.name] = _convert(spec, raw)
-        values.update({name: value for name, value in overrides.items() if value is not None})
-        return cls(**values)
+            if overrides.get(spec.name) is not None:
+                values[spec.name] = overrides[spec.name]
+        own = {spec.name for spec in dataclasses.fields(cls)}
+        section_values = {name: value for name, value in values.items() if name not in own}
+        for section in sections:
+            section(**{s.name: section_values[s.name] for s in dataclasses.fields(section) if s.name in section_values})
+        return cls(**{name: value for name, value in values.items() if name in own}, sections=section_values)
+
+
+def knob_fields(sections: Sequence[type] = ()) -> Iterator[tuple[type, dataclasses.Field[Any]]]:
+    """Every setting: the core's, then each feature section's, as (owner class, field)."""
+    for owner in (Settings, *sections):
+        for spec in dataclasses.fields(owner):
+            if not spec.metadata.get("internal"):
+                yield owner, spec
+
+
+def check_knobs(values: Any) -> None:
+    """The checks every knob declares (its minimum); run by each settings dataclass after it is built."""
+    for spec in dataclasses.fields(values):
+        minimum = spec.metadata.get("minimum")
+        value = getattr(values, spec.name)
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{spec.name} must be >= {minimum}, got {value}")
 
 
 def parse_bool(raw: str) -> bool:

@@ -6,6 +6,7 @@ PostgreSQL is the embedded one (the same code `fastcount serve` uses), or FASTCO
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -22,7 +23,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from fastcount.store.database import SCHEMA
+from fastcount.app import schema
+from fastcount.store.database import migrate_dsn
 from fastcount.store.embedded import EmbeddedPostgres, temporary_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,9 +58,7 @@ def database() -> Iterator[Database]:
         else:
             embedded = stack.enter_context(temporary_postgres("fastcount-test-"))
             db = Database(embedded.dsn, embedded)
-        with psycopg.connect(db.dsn, autocommit=True) as conn:
-            for statement in SCHEMA:
-                conn.execute(statement)  # type: ignore[call-overload]
+        asyncio.run(migrate_dsn(db.dsn, schema()))
         yield db
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -16,7 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from fastcount.settings import Settings
+from fastcount.app import settings_sections
+from fastcount.settings import Settings, knob_fields
 
 from conftest import ROOT, Database, free_port
 from httpclient import request
@@ -36,7 +36,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_serve_help_documents_every_setting_and_its_variable() -> None:
     result = run_cli("serve", "--help")
     assert result.returncode == 0
-    for spec in dataclasses.fields(Settings):
+    for _, spec in knob_fields(settings_sections()):
         assert "--" + spec.name.replace("_", "-") in result.stdout
         assert Settings.env_name(spec.name) in result.stdout.replace("\n", " ").replace("  ", "")
 
@@ -64,7 +64,7 @@ def test_migrate_creates_the_schema_idempotently(database: Database) -> None:
             assert result.returncode == 0, result.stderr
         with psycopg.connect(dsn) as conn:
             tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-        assert tables == {"counters", "fastcount_batches"}
+        assert tables == {"counters", "fastcount_batches", "fastcount_dead_letters"}
     finally:
         with psycopg.connect(database.dsn, autocommit=True) as conn:
             conn.execute("DROP DATABASE fastcount_migrate_test")
@@ -118,6 +118,6 @@ def test_serve_without_dsn_runs_and_stops_the_embedded_postgres() -> None:
 
 def test_env_example_lists_every_setting() -> None:
     example = (ROOT / "systemd" / "fastcount.env.example").read_text()
-    for spec in dataclasses.fields(Settings):
+    for _, spec in knob_fields(settings_sections()):
         if spec.name != "env_file":
             assert Settings.env_name(spec.name) + "=" in example, spec.name

@@ -6,43 +6,50 @@ import os
 
 import orjson
 
-from fastcount.features.increment import SNAPSHOT_MARK, PendingCounts
-from fastcount.store.journal import Journal, journal_size, recover
+from fastcount.features.increment import PendingCounts
+from fastcount.store.journal import JournalFile, recover
 
 REGION = 1 << 16
+WRITER = "host/w0/1/abc"
 
 
-def new_journal(writer: str = "host/w0/1/abc/increment") -> tuple[int, Journal]:
+def new_journal(sections: tuple[str, ...] = ("increment",)) -> tuple[int, JournalFile]:
     fd = os.memfd_create("test-journal")
-    os.ftruncate(fd, journal_size(REGION))
-    return fd, Journal(fd, writer)
+    return fd, JournalFile(fd, REGION, sections, lambda name: f"{WRITER}/{name}")
 
 
 def body(key: str, value: int) -> bytes:
     return orjson.dumps({"key": key, "value": value})
 
 
+def counts() -> PendingCounts:
+    return PendingCounts(1000, 1000)
+
+
 def test_pending_records_come_back_under_the_next_seq() -> None:
-    fd, journal = new_journal()
+    fd, file = new_journal()
+    journal = file.sections["increment"]
     for value in (1, 2, 3):
         assert journal.append(body("a", value))
     [batch] = recover(fd)
-    assert (batch.writer, batch.seq) == ("host/w0/1/abc/increment", 1)
-    assert PendingCounts.replay(batch.records) == {"a": 6}
+    assert (batch.section, batch.writer, batch.seq) == ("increment", f"{WRITER}/increment", 1)
+    assert counts().replay(batch.records) == {"a": 6}
 
 
 def test_batch_in_flight_keeps_its_seq_and_later_records_get_the_next() -> None:
-    fd, journal = new_journal()
+    fd, file = new_journal()
+    journal = file.sections["increment"]
     journal.append(body("a", 1))
     journal.take(7)
     journal.append(body("b", 2))
     in_flight, pending = recover(fd)
-    assert (in_flight.seq, PendingCounts.replay(in_flight.records)) == (7, {"a": 1})
-    assert (pending.seq, PendingCounts.replay(pending.records)) == (8, {"b": 2})
+    assert (in_flight.seq, counts().replay(in_flight.records)) == (7, {"a": 1})
+    assert (pending.seq, counts().replay(pending.records)) == (8, {"b": 2})
 
 
 def test_acknowledged_batch_is_gone_and_its_region_reused_clean() -> None:
-    fd, journal = new_journal()
+    fd, file = new_journal()
+    journal = file.sections["increment"]
     journal.append(body("a", 1))
     journal.take(1)
     journal.acknowledge()
@@ -53,34 +60,62 @@ def test_acknowledged_batch_is_gone_and_its_region_reused_clean() -> None:
         journal.acknowledge()
     journal.append(body("z", 9))
     [pending] = recover(fd)
-    assert PendingCounts.replay(pending.records) == {"z": 9}
+    assert counts().replay(pending.records) == {"z": 9}
 
 
-def test_record_cut_short_by_a_kill_is_skipped() -> None:
-    fd, journal = new_journal()
-    journal.append(body("a", 1))
-    torn = body("b", 2)[:-3]
-    journal.mm[journal.pos : journal.pos + len(torn)] = torn  # what a kill in the middle of a copy leaves
+def test_long_record_then_short_ones_leave_no_stale_bytes_after_reuse() -> None:
+    fd, file = new_journal()
+    journal = file.sections["increment"]
+    journal.append(body("x" * 200, 1))
+    journal.take(1)
+    journal.acknowledge()
+    journal.take(2)  # the next region, then the first again
+    journal.acknowledge()
+    journal.take(3)
+    journal.acknowledge()
+    journal.append(body("y", 1))
     [pending] = recover(fd)
-    assert PendingCounts.replay(pending.records) == {"a": 1}
+    assert pending.records == [body("y", 1)]
+
+
+def test_record_cut_short_by_a_kill_is_not_read() -> None:
+    fd, file = new_journal()
+    journal = file.sections["increment"]
+    journal.append(body("a", 1))
+    torn = body("b", 2)
+    # What a kill in the middle of an append leaves: the body (or part of it) written, its length not yet.
+    journal.mm[journal.pos + 4 : journal.pos + 4 + len(torn) - 3] = torn[:-3]
+    [pending] = recover(fd)
+    assert counts().replay(pending.records) == {"a": 1}
 
 
 def test_full_region_is_compacted_into_one_summing_record() -> None:
-    fd, journal = new_journal()
-    counts: dict[str, int] = {}
-    for i in range(REGION):
-        key = f"key-{i % 50}"
-        if not journal.append(body(key, 1)):
-            break
-        counts[key] = counts.get(key, 0) + 1
-    assert sum(counts.values()) > 1000, "the region filled up"
-    assert journal.compact(SNAPSHOT_MARK + orjson.dumps(counts))
-    assert journal.append(body("after", 1))
+    fd, file = new_journal()
+    buffer = counts()
+    buffer.journal = file.sections["increment"]
+    expected: dict[str, int] = {}
+    appended = 0
+    while appended < REGION:  # well past one region's worth of records: compaction must kick in
+        key = f"key-{appended % 50}"
+        assert buffer.add_all([(key, 1)], body(key, 1)).status == 202
+        expected[key] = expected.get(key, 0) + 1
+        appended += 1
+    assert buffer.journal.used_bytes() < REGION
     [pending] = recover(fd)
-    assert PendingCounts.replay(pending.records) == {**counts, "after": 1}
+    assert buffer.replay(pending.records) == expected
+
+
+def test_sections_are_recovered_each_under_its_own_name_and_writer() -> None:
+    fd, file = new_journal(("increment", "other"))
+    file.sections["increment"].append(body("a", 1))
+    file.sections["other"].append(b"\x00\x01binary\x00")
+    batches = {batch.section: batch for batch in recover(fd)}
+    assert batches["increment"].writer == f"{WRITER}/increment"
+    assert batches["other"].writer == f"{WRITER}/other"
+    assert batches["other"].records == [b"\x00\x01binary\x00"], "records are length-prefixed: any byte may occur"
 
 
 def test_journal_of_a_worker_that_never_started_recovers_nothing() -> None:
     fd = os.memfd_create("test-journal")
-    os.ftruncate(fd, journal_size(REGION))
+    os.ftruncate(fd, 1 << 20)
     assert recover(fd) == []

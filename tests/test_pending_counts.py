@@ -7,26 +7,30 @@ from fastcount.features.increment import ACCEPTED, OVERLOADED, IncrementFeature,
 
 def make(max_pending: int = 100, flush_max: int = 50) -> tuple[PendingCounts, list[int]]:
     wakes: list[int] = []
-    return PendingCounts(max_pending, flush_max, lambda: wakes.append(1)), wakes
+    pending = PendingCounts(max_pending, flush_max)
+    pending.request_flush = lambda: wakes.append(1)
+    return pending, wakes
 
 
 def post(pending: PendingCounts, body: bytes) -> object:
-    return IncrementFeature(pending, None).handle_increment(b"/increment", b"", body)  # type: ignore[arg-type]
+    feature = IncrementFeature.__new__(IncrementFeature)  # the handler alone: no pool, no settings needed
+    feature.pending = pending
+    return feature.handle_increment(b"/increment", b"", body)
 
 
 def test_values_for_one_key_are_summed() -> None:
     pending, _ = make()
     for value in (1, 2, 3):
         assert post(pending, b'{"key":"a","value":%d}' % value) is ACCEPTED
-    assert pending.take(1) == {"a": 6}
+    assert pending.take() == {"a": 6}
 
 
 def test_take_swaps_out_and_leaves_an_empty_dict() -> None:
     pending, _ = make()
     post(pending, b'{"key":"a","value":1}')
-    batch = pending.take(1)
+    batch = pending.take()
     assert batch == {"a": 1}
-    assert pending.take(1) is None
+    assert pending.take() is None
     post(pending, b'{"key":"a","value":1}')
     assert batch == {"a": 1}, "a taken batch must not change afterwards"
 
@@ -36,7 +40,7 @@ def test_unacknowledged_batch_counts_against_the_bound_until_acknowledged() -> N
     for key in "abc":
         assert post(pending, b'{"key":"%s","value":1}' % key.encode()) is ACCEPTED
     assert post(pending, b'{"key":"d","value":1}') is OVERLOADED
-    pending.take(1)
+    pending.take()
     assert post(pending, b'{"key":"d","value":1}') is OVERLOADED, "the batch in flight still holds 3 keys"
     pending.acknowledge()
     assert post(pending, b'{"key":"d","value":1}') is ACCEPTED
@@ -47,15 +51,15 @@ def test_known_key_is_accepted_even_when_full() -> None:
     assert post(pending, b'{"key":"a","value":1}') is ACCEPTED
     assert post(pending, b'{"key":"b","value":1}') is OVERLOADED
     assert post(pending, b'{"key":"a","value":1}') is ACCEPTED, "adding to a known key needs no memory"
-    assert pending.take(1) == {"a": 2}
+    assert pending.take() == {"a": 2}
 
 
 def test_array_is_all_or_nothing_under_the_bound() -> None:
     pending, _ = make(max_pending=2, flush_max=2)
     assert post(pending, b'[{"key":"a","value":1},{"key":"b","value":1},{"key":"c","value":1}]') is OVERLOADED
-    assert pending.take(1) is None
+    assert pending.take() is None
     assert post(pending, b'[{"key":"a","value":1},{"key":"a","value":2}]') is ACCEPTED
-    assert pending.take(1) == {"a": 3}
+    assert pending.take() == {"a": 3}
 
 
 def test_reaching_flush_max_keys_wakes_the_flusher_once() -> None:
@@ -69,4 +73,4 @@ def test_invalid_increment_changes_nothing() -> None:
     pending, _ = make()
     response = post(pending, b'{"key":"a","value":0}')
     assert getattr(response, "status", None) == 400
-    assert pending.take(1) is None
+    assert pending.take() is None

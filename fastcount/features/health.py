@@ -1,4 +1,4 @@
-"""GET /healthz (the worker runs) and GET /readyz (PostgreSQL answers and the flush backlog is under its bound)."""
+"""GET /healthz (the worker runs) and GET /readyz (PostgreSQL answers and no feature reports a problem)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ HEALTHY = json_response(200, {"status": "ok"}, cacheable=True)
 PING_TIMEOUT = 2.0
 
 
-class HealthFeature:
-    def __init__(self, read_pool: AsyncConnectionPool[Any], backlog_full: Callable[[], bool]) -> None:
+class Health:
+    def __init__(self, read_pool: AsyncConnectionPool[Any], problems: Callable[[], list[str]]) -> None:
         self.read_pool = read_pool
-        self.backlog_full = backlog_full
+        self.problems = problems
 
     def routes(self) -> list[Route]:
         return [
@@ -31,9 +31,7 @@ class HealthFeature:
         return HEALTHY
 
     async def handle_ready(self, path: bytes, query: bytes, body: bytes) -> Response:
-        problems = []
-        if self.backlog_full():
-            problems.append("flush backlog is full")
+        problems = self.problems()
         try:
             async with asyncio.timeout(PING_TIMEOUT):
                 async with self.read_pool.connection() as conn:

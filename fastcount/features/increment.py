@@ -6,19 +6,20 @@ Validation is pure (`parse_increments`) so it is tested without a server. The pe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
+from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
 from fastcount.server.responses import Response, constant_error, error_response, json_response
 from fastcount.server.routing import Route
-from fastcount.store.journal import Journal
 
 MAX_VALUE = 2**53 - 1
+MAX_TOTAL = 2**63 - 1  # a counter is a bigint: a pending sum past this could never be stored
 MAX_KEY_BYTES = 256
 MAX_ITEMS = 10_000
 COPY_THRESHOLD = 2_000  # keys: below, one unnest() upsert is faster; above, COPY + merge (bench/flush_methods.py)
@@ -27,8 +28,19 @@ ACCEPTED = Response(202, cacheable=True)
 OVERLOADED = constant_error(503, "too many pending keys; retry later", ((b"Retry-After", b"1"),))
 COUNTER_NOT_FOUND = constant_error(404, "unknown key")
 BAD_JSON = constant_error(400, "body must be JSON")
+TOTAL_TOO_LARGE = constant_error(400, f"the key's total would pass {MAX_TOTAL}, the largest a counter holds")
 DATABASE_UNAVAILABLE = constant_error(503, "database unavailable", ((b"Retry-After", b"1"),))
 
+SCHEMA = [
+    # fillfactor 70 leaves room on each page so most updates are HOT (measured: 0.9% -> 76%, ~105k -> ~170k rows/s).
+    """
+    CREATE TABLE IF NOT EXISTS counters (
+        key text PRIMARY KEY,
+        value bigint NOT NULL,
+        updated_at timestamptz NOT NULL
+    ) WITH (fillfactor = 70)
+    """,
+]
 UPSERT_FROM_ARRAYS = """
     INSERT INTO counters AS c (key, value, updated_at)
     SELECT key, value, now() FROM unnest(%s::text[], %s::bigint[]) AS batch(key, value)
@@ -62,6 +74,8 @@ def _check_item(item: object, where: str) -> tuple[str, int]:
         raise InvalidIncrement(f"{where}'key' must be a string" if key is not None else f"{where}'key' is required")
     if not key or (len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES):
         raise InvalidIncrement(f"{where}'key' must be 1 to {MAX_KEY_BYTES} bytes of UTF-8")
+    if "\x00" in key:
+        raise InvalidIncrement(f"{where}'key' must not contain NUL (U+0000): PostgreSQL text cannot hold it")
     if type(value) is not int:  # bool is a subclass of int; `type` rejects it along with floats and strings
         raise InvalidIncrement(
             f"{where}'value' must be an integer" if value is not None else f"{where}'value' is required"
@@ -86,77 +100,92 @@ def parse_increments(body: bytes, max_items: int | None = MAX_ITEMS) -> list[tup
     return [_check_item(document, "")]
 
 
-class PendingCounts:
-    """This worker's counts not yet in PostgreSQL; the flusher swaps the dict out and writes it."""
+class PendingCounts(FlushBuffer):
+    """This worker's counts not yet in PostgreSQL; the flusher swaps the dict out and writes it.
+
+    Journal codec: a record is an accepted request body as it came (replayed through `parse_increments`), or
+    SNAPSHOT_MARK + a JSON object of pending sums (what a full journal region is compacted into).
+    """
 
     name = "increment"
 
-    __slots__ = (
-        "flush_max_keys",
-        "journal",
-        "max_pending_keys",
-        "pending",
-        "request_flush",
-        "unacknowledged_keys",
-    )
-
-    def __init__(self, max_pending_keys: int, flush_max_keys: int, request_flush: Callable[[], None]) -> None:
+    def __init__(self, max_pending_keys: int, flush_max_keys: int) -> None:
+        super().__init__()
         self.pending: dict[str, int] = {}
         self.unacknowledged_keys = 0
         self.max_pending_keys = max_pending_keys
         self.flush_max_keys = flush_max_keys
-        self.request_flush = request_flush
-        self.journal: Journal | None = None  # the crash journal: every accepted body, until its batch is committed
 
-    def journal_full(self, body: bytes) -> bool:
-        """The journal's region is full: sum it up into one record, then append. False if it still cannot hold it."""
-        journal = self.journal
-        assert journal is not None
-        snapshot = SNAPSHOT_MARK + orjson.dumps(self.pending)
-        if journal.compact(snapshot) and journal.append(body):
-            return True
-        self.request_flush()
-        return False
-
-    def add_all(self, items: list[tuple[str, int]], body: bytes) -> bool:
-        """Add every item, or none when that would pass the bound."""
+    def add_all(self, items: list[tuple[str, int]], body: bytes) -> Response:
+        """Add every item, or none (503 past the bound, 400 past the bigint range)."""
         pending = self.pending
-        new_keys = sum(1 for key, _ in items if key not in pending)
-        if new_keys and len(pending) + new_keys + self.unacknowledged_keys > self.max_pending_keys:
-            return False
-        journal = self.journal
-        if journal is not None and not journal.append(body) and not self.journal_full(body):
-            return False
-        size_before = len(pending)
+        sums: dict[str, int] = {}
         for key, value in items:
+            sums[key] = sums.get(key, 0) + value
+        new_keys = 0
+        for key, value in sums.items():
+            current = pending.get(key)
+            if current is None:
+                new_keys += 1
+            elif current + value > MAX_TOTAL:
+                return TOTAL_TOO_LARGE
+            if value > MAX_TOTAL:
+                return TOTAL_TOO_LARGE
+        if new_keys and len(pending) + new_keys + self.unacknowledged_keys > self.max_pending_keys:
+            return OVERLOADED
+        if not self.journal_append(body):
+            return OVERLOADED
+        size_before = len(pending)
+        for key, value in sums.items():
             pending[key] = pending.get(key, 0) + value
         if size_before < self.flush_max_keys <= len(pending):
             self.request_flush()
-        return True
+        return ACCEPTED
 
     def backlog_keys(self) -> int:
         return len(self.pending) + self.unacknowledged_keys
 
+    def backlog_full(self) -> bool:
+        return self.backlog_keys() >= self.max_pending_keys
+
     # -- FlushBuffer ------------------------------------------------------------------------------------------------
 
-    def take(self, seq: int) -> dict[str, int] | None:
+    def take(self) -> dict[str, int] | None:
         if not self.pending:
             return None
         batch, self.pending = self.pending, {}
         self.unacknowledged_keys = len(batch)
-        if self.journal is not None:
-            self.journal.take(seq)
         return batch
 
     def acknowledge(self) -> None:
         self.unacknowledged_keys = 0
-        if self.journal is not None:
-            self.journal.acknowledge()
 
-    @staticmethod
-    def replay(records: list[bytes]) -> dict[str, int]:
-        """The counts in a dead worker's journal records. A record cut short by the kill does not parse and is
-        skipped: it was never answered."""
+    def describe(self, batch: dict[str, int]) -> tuple[int, int]:
+        return len(batch), sum(batch.values())
+
+    async def write(self, conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> int:
+        if len(batch) < COPY_THRESHOLD:
+            await upsert_with_unnest(conn, batch)
+        else:
+            await upsert_with_copy(conn, batch)
+        return len(batch)
+
+    def split(self, batch: dict[str, int]) -> list[dict[str, int]]:
+        keys = sorted(batch)
+        middle = len(keys) // 2
+        if not middle:
+            return [batch]
+        return [{key: batch[key] for key in keys[:middle]}, {key: batch[key] for key in keys[middle:]}]
+
+    def dead_letters(self, batch: dict[str, int]) -> list[str]:
+        # json, not orjson: a replayed sum may pass 64 bits, which orjson refuses to write
+        return [json.dumps({"key": key, "value": value}) for key, value in sorted(batch.items())]
+
+    def snapshot(self) -> bytes:
+        return SNAPSHOT_MARK + orjson.dumps(self.pending)
+
+    def replay(self, records: Sequence[bytes]) -> dict[str, int]:
+        """The counts in a dead worker's journal records."""
         counts: dict[str, int] = {}
         for record in records:
             if record.startswith(SNAPSHOT_MARK):
@@ -169,16 +198,6 @@ class PendingCounts:
             for key, value in items:
                 counts[key] = counts.get(key, 0) + value
         return counts
-
-    def describe(self, batch: dict[str, int]) -> tuple[int, int]:
-        return len(batch), sum(batch.values())
-
-    async def write(self, conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> int:
-        if len(batch) < COPY_THRESHOLD:
-            await upsert_with_unnest(conn, batch)
-        else:
-            await upsert_with_copy(conn, batch)
-        return len(batch)
 
 
 async def upsert_with_unnest(conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> None:
@@ -193,16 +212,32 @@ async def upsert_with_copy(conn: psycopg.AsyncConnection[Any], batch: dict[str, 
     await conn.execute(UPSERT_FROM_STAGING)
 
 
-class IncrementFeature:
-    def __init__(self, pending: PendingCounts, read_pool: AsyncConnectionPool[Any]) -> None:
-        self.pending = pending
-        self.read_pool = read_pool
+class IncrementFeature(Feature):
+    """POST /increment and GET /counters/<key>."""
+
+    name = "increment"
+    schema = SCHEMA
+
+    def __init__(self, context: FeatureContext) -> None:
+        super().__init__(context)
+        settings = context.settings
+        self.pending = PendingCounts(settings.max_pending_keys, settings.flush_max_keys)
+        self.read_pool = context.read_pool
 
     def routes(self) -> list[Route]:
         return [
             Route(b"POST", b"/increment", self.handle_increment, name="increment"),
             Route(b"GET", b"/counters/", self.handle_read_counter, prefix=True, name="read_counter"),
         ]
+
+    def buffers(self) -> list[FlushBuffer]:
+        return [self.pending]
+
+    def metrics(self) -> list[FeatureMetric]:
+        return [
+            FeatureMetric("pending_keys", "gauge", "distinct keys counted in memory, not yet taken by a flush",
+                          len(self.pending.pending)),
+        ]  # fmt: skip
 
     def handle_increment(self, path: bytes, query: bytes, body: bytes) -> Response:
         # The common case, one small object, inline: this is the hot path.
@@ -219,19 +254,17 @@ class IncrementFeature:
                 and type(value) is int
                 and 0 < len(key) <= MAX_KEY_BYTES // 4
                 and 1 <= value <= MAX_VALUE
+                and "\x00" not in key
             ):
                 counts = pending.pending
                 current = counts.get(key)
-                if current is None and len(counts) + pending.unacknowledged_keys >= pending.max_pending_keys:
-                    return OVERLOADED
-                journal = pending.journal
-                if journal is not None:  # journal before answering: a crash after the 202 loses nothing
-                    end = journal.pos + len(body)
-                    if end < journal.end:
-                        journal.mm[journal.pos : end] = body
-                        journal.pos = end + 1
-                    elif not pending.journal_full(body):
+                if current is None:
+                    if len(counts) + pending.unacknowledged_keys >= pending.max_pending_keys:
                         return OVERLOADED
+                elif current + value > MAX_TOTAL:
+                    return TOTAL_TOO_LARGE
+                if not pending.journal_append(body):  # journal before answering: a crash after the 202 loses nothing
+                    return OVERLOADED
                 if current is not None:
                     counts[key] = current + value
                     return ACCEPTED
@@ -243,7 +276,7 @@ class IncrementFeature:
             items = parse_increments(body)
         except InvalidIncrement as problem:
             return error_response(400, str(problem))
-        return ACCEPTED if pending.add_all(items, body) else OVERLOADED
+        return pending.add_all(items, body)
 
     async def handle_read_counter(self, path: bytes, query: bytes, body: bytes) -> Response:
         raw_key = unquote_to_bytes(path[len(b"/counters/") :])

@@ -24,18 +24,15 @@ COUNTERS = {  # snapshot name -> (metric name without _total, help)
     "flushes": ("fastcount_flushes", "batches committed to PostgreSQL"),
     "flush_errors": ("fastcount_flush_errors", "flush attempts that failed (the batch is retried)"),
     "flush_retries": ("fastcount_flush_retries", "retries scheduled after a failed flush"),
-    "flushed_rows": ("fastcount_flush_rows", "counter rows written by flushes"),
+    "flushed_rows": ("fastcount_flush_rows", "rows written by flushes"),
+    "dead_letters": (
+        "fastcount_dead_letters",
+        "units (counts, ids, events) PostgreSQL refused for good, parked in fastcount_dead_letters",
+    ),
     "cpu_seconds": ("fastcount_worker_cpu_seconds", "CPU time of the worker process"),
 }
 GAUGES = {
     "connections_open": ("fastcount_http_connections_open", "client connections open now"),
-    "pending_keys": ("fastcount_pending_keys", "distinct keys counted in memory, not yet taken by a flush"),
-    "retrying_keys": ("fastcount_flush_backlog_keys", "keys of a batch that failed to flush and is being retried"),
-    "postgres_connected": ("fastcount_postgres_connected", "1 when the flusher holds a PostgreSQL connection"),
-    "journal_used_bytes": (
-        "fastcount_journal_used_bytes",
-        "bytes of the crash journal's active region in use (compacted when full; 503 if that fails)",
-    ),
     "resident_memory_bytes": ("fastcount_worker_resident_memory_bytes", "resident memory of the worker process"),
     "open_fds": ("fastcount_worker_open_fds", "open file descriptors of the worker process"),
 }
@@ -47,6 +44,35 @@ HISTOGRAMS = {
     "flush_seconds": ("fastcount_flush_duration_seconds", "time to commit one batch, retries excluded"),
     "flush_keys": ("fastcount_flush_keys", "distinct keys per committed batch"),
 }
+
+
+def split_key(key: str) -> tuple[str, list[str], list[str]]:
+    """'name{a="x",b="y"}' -> ('name', ['a', 'b'], ['x', 'y']): how workers send the features' labelled series."""
+    name, brace, rest = key.partition("{")
+    if not brace:
+        return name, [], []
+    pairs = [pair.split("=", 1) for pair in rest.rstrip("}").split(",") if "=" in pair]
+    return name, [label for label, _ in pairs], [value.strip('"') for _, value in pairs]
+
+
+def _feature_families(
+    kind: str, values: dict[int, dict[str, float]], known: dict[str, tuple[str, str]], help_texts: dict[str, str]
+) -> Iterator[Metric]:
+    """The series named by features (not in the core tables), grouped into families by name."""
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+    for slot in sorted(values):
+        for key, value in sorted(values[slot].items()):
+            if key in known:
+                continue
+            name, labels, label_values = split_key(key)
+            family = families.get(name)
+            if family is None:
+                make = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                family = families[name] = make(
+                    f"fastcount_{name}", help_texts.get(name, name.replace("_", " ")), labels=["worker", *labels]
+                )
+            family.add_metric([str(slot), *label_values], value)
+    yield from families.values()
 
 
 def _empty() -> dict[str, Any]:
@@ -83,9 +109,11 @@ class MetricsBook:
         self.worker_restarts = 0
         self.reloads = 0
         self.ready_workers = 0
+        self.help_texts: dict[str, str] = {}
 
     def record(self, pid: int, slot: int, snapshot: dict[str, Any]) -> None:
         self.live[pid] = (slot, snapshot)
+        self.help_texts.update(snapshot.get("help", {}))
 
     def retire(self, pid: int) -> None:
         entry = self.live.pop(pid, None)
@@ -117,6 +145,9 @@ class MetricsBook:
             for slot, total in per_slot.items():
                 family.add_metric([str(slot)], total["counters"].get(key, 0))
             yield family
+        yield from _feature_families(
+            "counter", {slot: total["counters"] for slot, total in per_slot.items()}, COUNTERS, self.help_texts
+        )
         answers = CounterMetricFamily(
             "fastcount_http_responses", "HTTP responses by route and status code", labels=["worker", "route", "code"]
         )
@@ -131,6 +162,7 @@ class MetricsBook:
                 if key in gauges[slot]:
                     gauge.add_metric([str(slot)], gauges[slot][key])
             yield gauge
+        yield from _feature_families("gauge", gauges, GAUGES, self.help_texts)
         for key, (name, help_text) in HISTOGRAMS.items():
             histogram = HistogramMetricFamily(name, help_text, labels=["worker"])
             for slot, total in per_slot.items():

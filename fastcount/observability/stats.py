@@ -42,6 +42,7 @@ class WorkerStats:
         "bytes_sent",
         "connections_closed",
         "connections_opened",
+        "dead_letters",
         "flush_errors",
         "flush_keys",
         "flush_retries",
@@ -62,12 +63,20 @@ class WorkerStats:
         self.flush_errors = 0
         self.flush_retries = 0
         self.flushed_rows = 0
+        self.dead_letters = 0
         self.request_seconds = Histogram(REQUEST_SECONDS_BUCKETS)
         self.flush_seconds = Histogram(FLUSH_SECONDS_BUCKETS)
         self.flush_keys = Histogram(FLUSH_KEYS_BUCKETS)
 
-    def snapshot(self, answers: dict[str, dict[int, int]], gauges: dict[str, float]) -> bytes:
-        """One status-pipe message: `S` + JSON + newline. Counters are cumulative for this process."""
+    def snapshot(
+        self,
+        answers: dict[str, dict[int, int]],
+        gauges: dict[str, float],
+        counters: dict[str, float] | None = None,
+        help_texts: dict[str, str] | None = None,
+    ) -> bytes:
+        """One status-pipe message: `S` + JSON + newline. Counters are cumulative for this process. Series the
+        master does not know by name (the features') carry their help text along."""
         document = {
             "counters": {
                 "requests": self.requests,
@@ -79,8 +88,11 @@ class WorkerStats:
                 "flush_errors": self.flush_errors,
                 "flush_retries": self.flush_retries,
                 "flushed_rows": self.flushed_rows,
+                "dead_letters": self.dead_letters,
                 "cpu_seconds": time.process_time(),
+                **(counters or {}),
             },
+            "help": help_texts or {},
             "answers": {
                 route: {str(status): count for status, count in by_status.items()}
                 for route, by_status in answers.items()

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +122,17 @@ def bind_listening_sockets(settings: Settings) -> list[socket.socket]:
 
 
 class Master:
-    def __init__(self, settings: Settings, dsn: str, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        overrides: dict[str, Any] | None = None,
+        application: str = "fastcount.app:WorkerApp",
+        sections: Sequence[type] = (),
+    ) -> None:
         self.settings = settings
+        self.application = application  # what workers load (module:factory); the master never imports it
+        self.sections = sections  # the features' settings classes, to re-read them on reload
         self.dsn = dsn
         self.overrides = overrides or {}  # the command-line flags: they still win when a reload re-reads settings
         self.slots: list[Slot] = []
@@ -270,7 +280,7 @@ class Master:
             process = subprocess.Popen(
                 command,
                 pass_fds=(listen_fd, write_end, *([journal_fd] if journal_fd >= 0 else []), *slot.orphans),
-                env={**self._worker_environ, CONFIG_ENV: worker_config(self.settings, self.dsn)},
+                env={**self._worker_environ, CONFIG_ENV: worker_config(self.settings, self.dsn, self.application)},
             )
         finally:
             os.close(write_end)
@@ -429,7 +439,7 @@ class Master:
         if not self.settings.env_file:
             return
         try:
-            fresh = Settings.from_sources(self.overrides)
+            fresh = Settings.from_sources(self.overrides, sections=self.sections)
         except (OSError, ValueError) as error:
             log.error("event=reload_settings_rejected reason=%r action=keep_current", str(error))
             return

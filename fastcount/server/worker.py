@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import logging
 import math
 import os
@@ -22,20 +23,20 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import uvloop
-from psycopg_pool import AsyncConnectionPool
 
-from fastcount.features import Features, build_features
 from fastcount.observability.logs import configure_logging
 from fastcount.observability.stats import WorkerStats
 from fastcount.server.protocol import ConnectionLimits, HttpProtocol, ServerState
-from fastcount.server.routing import Router
+from fastcount.server.routing import Route, Router
 from fastcount.settings import Settings
-from fastcount.store.flusher import Flusher, writer_identity
-from fastcount.store.journal import Journal, recover
+
+if TYPE_CHECKING:
+    from fastcount.features.base import FeatureMetric
 
 log = logging.getLogger("fastcount.server.worker")  # not __name__: it is "__main__" when run with -m
 
@@ -44,37 +45,66 @@ EXIT_CRASHED = 1
 EXIT_BOOT_ERROR = 3  # failed before serving: the master stops rather than respawn into a crash loop
 MSG_READY = b"R\n"
 MSG_JOURNALS_RECOVERED = b"J\n"  # every batch of the dead workers' journals we were given is committed
-CONFIG_ENV = "FASTCOUNT_WORKER_CONFIG"  # settings and DSN, as JSON, from the master
+CONFIG_ENV = "FASTCOUNT_WORKER_CONFIG"  # settings, DSN and application, as JSON, from the master
+TICK_ERROR_LOG_EVERY = 60.0  # seconds: a tick that keeps failing is logged once a minute, and survived
+
+
+class Application(Protocol):
+    """What the worker runs besides HTTP (fastcount/app.py builds it): routes, flush lanes, journal, jobs, metrics."""
+
+    def routes(self) -> list[Route]: ...
+    def open_journal(self, fd: int) -> None: ...
+    def adopt_journals(self, fds: Sequence[int]) -> int: ...
+    async def start(self) -> None: ...
+    def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]: ...
+    async def stop(self) -> None: ...
+    def metrics(self) -> list[FeatureMetric]: ...
+
+    @property
+    def flusher(self) -> Any: ...
+
+
+ApplicationFactory = Callable[[Settings, str, int, WorkerStats], Application]
+
+
+def load_application(spec: str) -> ApplicationFactory:
+    """'package.module:Name' -> the factory (gunicorn's app URI, in short)."""
+    module_name, _, attribute = spec.partition(":")
+    factory: ApplicationFactory = getattr(importlib.import_module(module_name), attribute)
+    return factory
 
 
 class Worker:
     def __init__(
         self,
         slot: int,
-        sock: socket.socket,
+        sock: socket.socket | None,
         settings: Settings,
         dsn: str,
         status_pipe: int,
+        factory: ApplicationFactory,
         journal_fd: int = -1,
         recover_fds: tuple[int, ...] = (),
     ) -> None:
-        self.journal_fd = journal_fd
-        self.recover_fds = recover_fds
         self.slot = slot
         self.sock = sock
         self.settings = settings
         self.dsn = dsn
         self.status_pipe = status_pipe
+        self.factory = factory
+        self.journal_fd = journal_fd
+        self.recover_fds = recover_fds
         self.master_pid = os.getppid()
         self.ready = False
         self.stop_requested: asyncio.Event | None = None
+        self.tick_failed_at = -math.inf
 
-    def run(self) -> int:
+    def run(self, serve: bool = True) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            return loop.run_until_complete(self._serve())
+            return loop.run_until_complete(self._serve() if serve else self._recover_only())
         except Exception:
             log.exception("event=worker_failed slot=%d ready=%s", self.slot, self.ready)
             return EXIT_CRASHED if self.ready else EXIT_BOOT_ERROR
@@ -88,20 +118,11 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
 
         stats = WorkerStats()
-        flusher = Flusher(self.dsn, [], settings.flush_interval, writer_identity(self.slot), stats)
-        read_pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            self.dsn,
-            min_size=1,
-            max_size=2,
-            open=False,
-            timeout=2.0,
-            kwargs={"autocommit": True, "connect_timeout": 5},
-            check=AsyncConnectionPool.check_connection,
-        )
-        await read_pool.open(wait=False)
-        features = build_features(settings, flusher, read_pool)
-        flusher.buffers = features.buffers
-        self._open_journals(flusher, features)
+        app = self.factory(settings, self.dsn, self.slot, stats)
+        if self.journal_fd >= 0:
+            app.open_journal(self.journal_fd)
+        self._adopt(app)
+        await app.start()
 
         limits = ConnectionLimits(
             max_body=settings.max_body,
@@ -110,11 +131,12 @@ class Worker:
             read_ticks=max(1, math.ceil(settings.read_timeout)),
             tcp_nodelay=settings.tcp_nodelay,
         )
-        state = ServerState(Router(features.routes), limits, stats)
+        state = ServerState(Router(app.routes()), limits, stats)
         # backlog= matters: without it asyncio (and uvloop) re-listen the inherited socket with a backlog of 100.
+        assert self.sock is not None, "a serving worker inherits its slot's socket"
         server = await loop.create_server(lambda: HttpProtocol(state), sock=self.sock, backlog=settings.backlog)
-        flush_task = asyncio.create_task(flusher.run(), name="flusher")
-        tick_task = asyncio.create_task(self._tick(state, features), name="tick")
+        tick_task = asyncio.create_task(self._tick(state, app), name="tick")
+        jobs = [asyncio.create_task(job(), name=getattr(job, "__name__", "job")) for job in app.background()]
         self.ready = True
         self._tell_master(MSG_READY)
         log.info("event=worker_serving slot=%d", self.slot)
@@ -125,15 +147,55 @@ class Worker:
         server.close()  # closes only this process's copy of the socket: the master's and a successor's stay open
         while state.connections:  # the tick closes each connection once it has answered or gone quiet
             await asyncio.sleep(0.05)
-        await flusher.stop(flush_task)
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        await app.stop()
         tick_task.cancel()
-        await read_pool.close()
-        self._publish(state, features)  # the last snapshot: the master keeps these counts after we are gone
+        self._publish(state, app)  # the last snapshot: the master keeps these counts after we are gone
         log.info("event=worker_stopped slot=%d requests=%d flushes=%d", self.slot, stats.requests, stats.flushes)
         return EXIT_OK
 
-    async def _tick(self, state: ServerState, features: Features) -> None:
-        """Once a second, on the second: refresh the Date header, enforce timeouts, publish stats (the heartbeat)."""
+    async def _recover_only(self) -> int:
+        """Commit dead workers' journals and exit: the master runs this beside the live workers, so a journal is
+        recovered at once, whatever its slot is doing. Exit 0 (after `J`) only once everything is committed."""
+        loop = asyncio.get_running_loop()
+        self.stop_requested = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
+        app = self.factory(self.settings, self.dsn, self.slot, WorkerStats())
+        done = asyncio.Event()
+        app.flusher.on_adopted_written = done.set
+        if not self._adopt(app, tell_master=False):
+            done.set()
+        await app.start()
+        stop_wait = asyncio.ensure_future(self.stop_requested.wait())
+        await asyncio.wait([asyncio.ensure_future(done.wait()), stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if not done.is_set():
+            log.error("event=recovery_interrupted slot=%d", self.slot)
+            return EXIT_CRASHED  # the master keeps the journals and tries again (or reports them lost)
+        await app.stop()
+        self._tell_master(MSG_JOURNALS_RECOVERED)
+        log.info("event=recovery_done slot=%d journals=%d", self.slot, len(self.recover_fds))
+        return EXIT_OK
+
+    def _adopt(self, app: Application, tell_master: bool = True) -> int:
+        """Hand the flusher what dead workers' journals still hold, under their identity."""
+        if not self.recover_fds:
+            return 0
+        batches = app.adopt_journals(self.recover_fds)
+        for fd in self.recover_fds:
+            os.close(fd)
+        if tell_master:
+            if batches:
+                app.flusher.on_adopted_written = lambda: self._tell_master(MSG_JOURNALS_RECOVERED)
+            else:
+                self._tell_master(MSG_JOURNALS_RECOVERED)
+        return batches
+
+    async def _tick(self, state: ServerState, app: Application) -> None:
+        """Once a second, on the second: refresh the Date header, enforce timeouts, publish stats (the heartbeat).
+        An error in one tick is logged and survived: a silent heartbeat would get a healthy worker killed."""
         last_second = int(time.time())
         while True:
             # The loop's timers have millisecond resolution and may fire a little early: aim just past the
@@ -143,44 +205,33 @@ class Worker:
             if second <= last_second:
                 continue
             last_second = second
-            for connection in list(state.connections):
-                connection.on_tick()
-            self._publish(state, features)
+            try:
+                for connection in list(state.connections):
+                    connection.on_tick()
+                self._publish(state, app)
+            except Exception:
+                now = time.monotonic()
+                if now - self.tick_failed_at >= TICK_ERROR_LOG_EVERY:
+                    self.tick_failed_at = now
+                    log.exception("event=tick_failed slot=%d", self.slot)
+                self._tell_master(b"S{}\n")  # still alive: the heartbeat must not stop with the stats
             if os.getppid() != self.master_pid and self.stop_requested is not None:
                 log.warning("event=master_gone slot=%d", self.slot)
                 self.stop_requested.set()
 
-    def _publish(self, state: ServerState, features: Features) -> None:
+    def _publish(self, state: ServerState, app: Application) -> None:
         state.renderer.tick()  # also moves the counts of cached answers into each route's totals
         answers = {route.name: route.answers for route in state.router.routes if route.answers}
-        gauges = {"connections_open": len(state.connections), **features.gauges()}
-        self._tell_master(state.stats.snapshot(answers, gauges))
-
-    def _open_journals(self, flusher: Flusher, features: Features) -> None:
-        """Start our crash journal; hand the flusher what dead workers' journals still hold, under their identity."""
-        buffer = features.journaled
-        if self.journal_fd >= 0:
-            buffer.journal = Journal(self.journal_fd, flusher.writer_of(buffer))
-        recovered = [batch for fd in self.recover_fds for batch in recover(fd)]
-        for batch in recovered:
-            counts = buffer.replay(batch.records)
-            log.warning(
-                "event=journal_recovered slot=%d writer=%s seq=%d keys=%d total=%d",
-                self.slot,
-                batch.writer,
-                batch.seq,
-                len(counts),
-                sum(counts.values()),
-            )
-            flusher.adopt(buffer, batch.writer, batch.seq, counts)
-        for fd in self.recover_fds:
-            os.close(fd)
-        if not self.recover_fds:
-            return
-        if recovered:
-            flusher.on_adopted_written = lambda: self._tell_master(MSG_JOURNALS_RECOVERED)
-        else:
-            self._tell_master(MSG_JOURNALS_RECOVERED)
+        gauges: dict[str, float] = {"connections_open": len(state.connections)}
+        counters: dict[str, float] = {}
+        help_texts: dict[str, str] = {}
+        for metric in app.metrics():
+            key = metric.name
+            if metric.labels:
+                key += "{" + ",".join(f'{name}="{value}"' for name, value in metric.labels) + "}"
+            (counters if metric.kind == "counter" else gauges)[key] = metric.value
+            help_texts[metric.name] = metric.help
+        self._tell_master(state.stats.snapshot(answers, gauges, counters, help_texts))
 
     def _tell_master(self, message: bytes) -> None:
         try:
@@ -189,28 +240,30 @@ class Worker:
             pass  # a full pipe means the master is busy, a broken one that it is gone; neither should stop serving
 
 
-def worker_config(settings: Settings, dsn: str) -> str:
-    return orjson.dumps({"settings": dataclasses.asdict(settings), "dsn": dsn}).decode()
+def worker_config(settings: Settings, dsn: str, application: str) -> str:
+    return orjson.dumps({"settings": dataclasses.asdict(settings), "dsn": dsn, "application": application}).decode()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="a fastcount worker (started by the master, not by hand)")
     parser.add_argument("--slot", type=int, required=True)
-    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, default=-1)
     parser.add_argument("--status-fd", type=int, required=True)
     parser.add_argument("--journal-fd", type=int, default=-1)
     parser.add_argument("--recover-fd", type=int, action="append", default=[])
+    parser.add_argument("--recover-only", action="store_true", help="commit the --recover-fd journals, then exit")
     args = parser.parse_args(argv)
     config = orjson.loads(os.environ.pop(CONFIG_ENV))
     settings = Settings(**config["settings"])
-    configure_logging(settings.log_level, f"worker{args.slot}")
+    configure_logging(settings.log_level, f"recovery{args.slot}" if args.recover_only else f"worker{args.slot}")
     try:
-        sock = socket.socket(fileno=args.listen_fd)
+        factory = load_application(config["application"])
+        sock = socket.socket(fileno=args.listen_fd) if args.listen_fd >= 0 else None
         os.set_blocking(args.status_fd, False)
         worker = Worker(
-            args.slot, sock, settings, config["dsn"], args.status_fd, args.journal_fd, tuple(args.recover_fd)
+            args.slot, sock, settings, config["dsn"], args.status_fd, factory, args.journal_fd, tuple(args.recover_fd)
         )
-        return worker.run()
+        return worker.run(serve=not args.recover_only)
     except Exception:
         log.exception("event=worker_boot_failed slot=%d", args.slot)
         return EXIT_BOOT_ERROR

@@ -1,25 +1,21 @@
-"""The schema and how to reach it.
+"""Connections, the core schema and how migrations run.
 
-`counters` is a public contract: users and dashboards read it directly. `fastcount_batches` is the flush ledger that
-makes a retried batch count once. Migrations are idempotent and serialised by an advisory lock, so every worker may
-run them at start. Writing batches is the flusher's job (flusher.py), not this module's.
+`fastcount_batches` is the flush ledger that makes a retried batch count once; `fastcount_dead_letters` keeps what
+PostgreSQL refused for good, with the error. Each feature brings its own tables (fastcount/app.py gathers them).
+Migrations are idempotent and serialised by an advisory lock, so every process may run them at start. Writing
+batches is the flusher's job (flusher.py), not this module's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 
 MIGRATION_LOCK = 0x66617374  # "fast": serialises concurrent migrations from many workers
 
-SCHEMA = [
-    # fillfactor 70 leaves room on each page so most updates are HOT (measured: 0.9% -> 76%, ~105k -> ~170k rows/s).
-    """
-    CREATE TABLE IF NOT EXISTS counters (
-        key text PRIMARY KEY,
-        value bigint NOT NULL,
-        updated_at timestamptz NOT NULL
-    ) WITH (fillfactor = 70)
-    """,
+CORE_SCHEMA = [
     # One row per flushed batch. Its primary key is what turns "retry after an unknown outcome" into exactly-once:
     # the retry carries the same (writer, seq), so a batch that did commit makes the retry fail as a duplicate.
     """
@@ -32,25 +28,45 @@ SCHEMA = [
         PRIMARY KEY (writer, seq)
     )
     """,
+    # Items PostgreSQL refused for good (a total past bigint, ...), committed in the same transaction as the rest of
+    # their batch. `item` is JSON text (text, not jsonb: jsonb cannot hold every string a client may send).
+    """
+    CREATE TABLE IF NOT EXISTS fastcount_dead_letters (
+        id bigserial PRIMARY KEY,
+        feature text NOT NULL,
+        writer text NOT NULL,
+        seq bigint NOT NULL,
+        item text NOT NULL,
+        sqlstate text NOT NULL,
+        error text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now()
+    )
+    """,
 ]
 
 # A writer only ever retries its newest batch, so older rows of live writers are pruned by the writers themselves;
 # this removes what dead writers (stopped or killed workers) left behind.
 PRUNE_DEAD_WRITERS = "DELETE FROM fastcount_batches WHERE committed_at < now() - interval '7 days'"
 
+# TCP keepalives: a connection whose peer vanished (a half-open connection) is noticed in ~25 s, not hours.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
-async def migrate_async(conn: psycopg.AsyncConnection[object]) -> None:
+
+async def migrate_async(conn: psycopg.AsyncConnection[Any], schema: Sequence[str]) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        for statement in SCHEMA:
+        for statement in [*CORE_SCHEMA, *schema]:
             await conn.execute(statement)
         await conn.execute(PRUNE_DEAD_WRITERS)
 
 
-async def connect(dsn: str) -> psycopg.AsyncConnection[object]:
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5)
+async def connect(dsn: str, statement_timeout: float | None = None) -> psycopg.AsyncConnection[Any]:
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5, **KEEPALIVES)  # type: ignore[arg-type]
+    if statement_timeout:  # SET, not `options=`: the DSN may carry options of its own
+        await conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(statement_timeout * 1000)}",))
+    return conn
 
 
-async def migrate_dsn(dsn: str) -> None:
+async def migrate_dsn(dsn: str, schema: Sequence[str]) -> None:
     async with await connect(dsn) as conn:
-        await migrate_async(conn)
+        await migrate_async(conn, schema)

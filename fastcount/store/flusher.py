@@ -1,12 +1,18 @@
-"""The flusher: takes each feature's pending batch on a timer (or when a buffer fills) and writes it to PostgreSQL.
+"""The flusher: one lane per flush buffer; each takes its buffer's pending batch on a timer (or when the buffer fills)
+and writes it to PostgreSQL on a connection of its own, so one buffer's trouble never delays another's.
 
-Rules it keeps:
-1. A batch, once taken, is written verbatim until it is acknowledged: same writer, same sequence number, same content.
+Rules a lane keeps:
+1. A batch, once taken, is written verbatim until it is committed: same writer, same sequence number, same content.
    The ledger row (writer, seq) is inserted in the same transaction as the data, so a retry after an unknown outcome
    (the connection broke after COMMIT was sent) fails as a duplicate instead of counting twice.
-2. While a batch is being retried, new requests keep accumulating in the feature's buffer; the buffer bounds itself.
-3. Timer ticks are aligned to multiples of the interval, so flushes do not drift; on stop, everything is flushed.
-It owns one connection of its own; what the rows mean is each buffer's business.
+2. Errors are classified. Transient (connection lost, timeout, serialization, anything not about the data): retry
+   the same batch with back-off. Permanent (PostgreSQL refuses the data: class 22 and 23 errors): in one transaction
+   with the ledger row, bisect the batch under savepoints, commit every item PostgreSQL takes and park each item it
+   refuses in `fastcount_dead_letters` with the error. Nothing answered is silently dropped; nothing blocks forever.
+3. While a batch is retried, new requests keep accumulating in the buffer; the buffer bounds itself.
+4. Ticks are aligned to multiples of the interval, so flushes do not drift; on stop, everything is flushed.
+5. Every statement has a timeout and the connection TCP keepalives: a half-open connection cannot hang a lane.
+What the rows mean is each buffer's business (fastcount/features/base.py).
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 import psycopg.errors
 
+from fastcount.features.base import FlushBuffer
 from fastcount.observability.stats import WorkerStats
 from fastcount.store.database import connect, migrate_async
 
@@ -31,8 +39,13 @@ log = logging.getLogger(__name__)
 
 LEDGER_PKEY = "fastcount_batches_pkey"
 RECORD_BATCH = "INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%s, %s, %s, %s)"
+RECORD_DEAD_LETTER = """
+    INSERT INTO fastcount_dead_letters (feature, writer, seq, item, sqlstate, error)
+    SELECT %s, %s, %s, item, %s, %s FROM unnest(%s::text[]) AS item
+"""
 PRUNE_OWN_BATCHES = "DELETE FROM fastcount_batches WHERE writer = %s AND seq < %s"
 PRUNE_EVERY_SECONDS = 60.0
+PING_WHEN_IDLE_FOR = 5.0  # seconds: an idle lane checks its connection, so `connected` means reachable
 RETRY_FIRST_DELAY = 0.1
 RETRY_MAX_DELAY = 5.0
 # Test-only fault injection: drop the connection right after this many successful COMMITs, as a network failure
@@ -40,22 +53,11 @@ RETRY_MAX_DELAY = 5.0
 FAILPOINT_ENV = "FASTCOUNT_FAILPOINT_DROP_AFTER_COMMIT"
 
 
-class FlushBuffer(Protocol):
-    """What a feature hands the flusher: a swap-out of pending work and the SQL that writes it."""
-
-    name: str
-
-    def take(self, seq: int) -> Any | None:
-        """Swap out everything pending (O(1)) as batch `seq` and return it, or None when there is nothing."""
-
-    def acknowledge(self) -> None:
-        """The batch last taken is durable: forget it."""
-
-    def describe(self, batch: Any) -> tuple[int, int]:
-        """(distinct keys, sum of values) of a batch, for the ledger."""
-
-    async def write(self, conn: psycopg.AsyncConnection[Any], batch: Any) -> int:
-        """Write the batch inside the caller's transaction; return rows written."""
+def is_permanent(error: BaseException) -> bool:
+    """PostgreSQL refused the data itself (it would refuse it again): not worth a retry of the same rows."""
+    if isinstance(error, psycopg.errors.UniqueViolation) and error.diag.constraint_name == LEDGER_PKEY:
+        return False
+    return isinstance(error, psycopg.DataError | psycopg.IntegrityError)
 
 
 @dataclass
@@ -63,8 +65,8 @@ class InFlight:
     writer: str  # the ledger identity: this worker's, or a dead worker's for a batch recovered from its journal
     seq: int
     batch: Any
-    keys: int
-    total: int
+    rows: int
+    units: int
 
 
 def writer_identity(slot: int) -> str:
@@ -72,171 +74,311 @@ def writer_identity(slot: int) -> str:
     return f"{socket.gethostname()}/w{slot}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
-class Flusher:
-    def __init__(self, dsn: str, buffers: list[FlushBuffer], interval: float, writer: str, stats: WorkerStats) -> None:
-        self.dsn = dsn
-        self.buffers = buffers
-        self.interval = interval
-        self.writer = writer
-        self.stats = stats
-        self.connected = False
+class Lane:
+    """One buffer's path to PostgreSQL: its batch in flight, recovered batches to write first, back-off, connection."""
+
+    def __init__(self, flusher: Flusher, buffer: FlushBuffer) -> None:
+        self.flusher = flusher
+        self.buffer = buffer
+        self.writer = f"{flusher.writer}/{buffer.name}"
+        self.wake = asyncio.Event()
+        buffer.request_flush = self.wake.set
+        self.in_flight: InFlight | None = None
+        self.adopted: deque[InFlight] = deque()  # dead workers' batches, written before anything of ours
+        self.next_seq = 1
+        self.retry_delay = 0.0
         self.failing_since: float | None = None
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._in_flight: dict[str, InFlight] = {}
-        self._adopted: list[tuple[FlushBuffer, InFlight]] = []  # dead workers' batches, written first
-        self.on_adopted_written: Callable[[], None] | None = None
-        self._next_seq = 1
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._retry_delay = 0.0
-        self._last_prune = time.monotonic()
-        self._drop_after_commits = int(os.environ.get(FAILPOINT_ENV, "0") or 0)
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.last_used = 0.0
+        self.last_prune = time.monotonic()
 
-    def request_flush(self) -> None:
-        self._wake.set()
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.closed and self.failing_since is None
 
-    def writer_of(self, buffer: FlushBuffer) -> str:
-        return f"{self.writer}/{buffer.name}"
-
-    def adopt(self, buffer: FlushBuffer, writer: str, seq: int, batch: Any) -> None:
-        """Write a batch a dead worker left, under its identity, before anything of ours."""
-        keys, total = buffer.describe(batch)
-        self._adopted.append((buffer, InFlight(writer, seq, batch, keys, total)))
-        self._wake.set()
+    def backlog_rows(self) -> int:
+        """Rows of batches taken but not yet committed (0 while all is well)."""
+        return (self.in_flight.rows if self.in_flight else 0) + sum(batch.rows for batch in self.adopted)
 
     async def run(self) -> None:
         """Flush on every tick until stopped, then until a pass finds nothing left."""
+        flusher = self.flusher
         while True:
             await self._wait_until_due()
             try:
-                written, took_any = await self.flush_all()
+                done, took_any = await self.flush_once()
             except Exception:
-                # Not a database error (those are retried inside): a bug. Keep the batch, keep trying, never stop
+                # Not a database error (those are handled inside): a bug. Keep the batch, keep trying, never stop
                 # flushing silently; the batch stays in flight and the journal keeps it.
-                log.exception("event=flush_crashed")
-                self.stats.flush_errors += 1
-                self._retry_delay = RETRY_MAX_DELAY
+                log.exception("event=flush_crashed buffer=%s", self.buffer.name)
+                flusher.stats.flush_errors += 1
+                self.retry_delay = RETRY_MAX_DELAY
                 await self._close()
                 continue
-            if self._stopping and written and not took_any:
+            if flusher.stopping and done and not took_any:
                 break
         await self._close()
 
-    async def stop(self, task: asyncio.Task[None]) -> None:
-        self._stopping = True
-        self._wake.set()
-        await task
-
-    async def flush_all(self) -> tuple[bool, bool]:
-        """One pass over every buffer: (all written, anything was taken). A failed batch stays in flight."""
-        took_any = bool(self._adopted)
-        while self._adopted:
-            adopted_buffer, adopted = self._adopted[0]
-            if not await self._write(adopted_buffer, adopted):
+    async def flush_once(self) -> tuple[bool, bool]:
+        """(all written, anything was taken). A failed batch stays where it is, for the next pass."""
+        took_any = bool(self.adopted)
+        while self.adopted:
+            if not await self._write(self.adopted[0]):
                 return False, took_any
-            self._adopted.pop(0)
-            if not self._adopted and self.on_adopted_written is not None:
-                self.on_adopted_written()
-        for buffer in self.buffers:
-            in_flight = self._in_flight.get(buffer.name)
-            if in_flight is None:
-                batch = buffer.take(self._next_seq)
-                if batch is None:
-                    continue
-                keys, total = buffer.describe(batch)
-                in_flight = InFlight(self.writer_of(buffer), self._next_seq, batch, keys, total)
-                self._next_seq += 1
-                self._in_flight[buffer.name] = in_flight
-            took_any = True
-            if not await self._write(buffer, in_flight):
-                return False, took_any
-            del self._in_flight[buffer.name]
-            buffer.acknowledge()
+            self.adopted.popleft()
+            if not self.adopted:
+                self.flusher.adopted_lane_done()
+        if self.in_flight is None:
+            batch = self.buffer.take()
+            if batch is None:
+                await self._idle_upkeep()
+                return True, took_any
+            rows, units = self.buffer.describe(batch)
+            self.in_flight = InFlight(self.writer, self.next_seq, batch, rows, units)
+            if self.buffer.journal is not None:
+                self.buffer.journal.take(self.next_seq)
+            self.next_seq += 1
+        if not await self._write(self.in_flight):
+            return False, True
+        self.in_flight = None
+        self.buffer.acknowledge()
+        if self.buffer.journal is not None:
+            self.buffer.journal.acknowledge()
         await self._prune_if_due()
-        return True, took_any
+        return True, True
 
     async def _wait_until_due(self) -> None:
-        if self._retry_delay:  # back off; an early-flush wake-up must not shorten it
-            await asyncio.sleep(self._retry_delay)
+        if self.retry_delay:  # back off; an early-flush wake-up must not shorten it
+            await asyncio.sleep(self.retry_delay)
             return
-        if self._stopping:
+        if self.flusher.stopping:
             return
+        interval = self.flusher.interval
         now = time.time()
-        timeout = (now // self.interval + 1) * self.interval - now
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            await asyncio.wait_for(self.wake.wait(), (now // interval + 1) * interval - now)
         except TimeoutError:
             pass
-        self._wake.clear()
+        self.wake.clear()
 
-    async def _write(self, buffer: FlushBuffer, in_flight: InFlight) -> bool:
-        writer = in_flight.writer
+    async def _write(self, in_flight: InFlight) -> bool:
+        flusher = self.flusher
         started = time.perf_counter()
         try:
-            conn = await self._connection()
-            try:
-                async with conn.transaction():
-                    await conn.execute(RECORD_BATCH, (writer, in_flight.seq, in_flight.keys, in_flight.total))
-                    rows = await buffer.write(conn, in_flight.batch)
-            except psycopg.errors.UniqueViolation as error:
-                if error.diag.constraint_name != LEDGER_PKEY:
-                    raise
-                log.warning("event=batch_already_committed writer=%s seq=%d", writer, in_flight.seq)
-                rows = 0
-            if self._drop_after_commits > 0:
-                self._drop_after_commits -= 1
-                await self._close()
+            async with asyncio.timeout(flusher.flush_timeout + 5):  # the statement timeout's backstop
+                conn = await self._connection()
+                rows, parked = await self._commit(conn, in_flight)
+            if flusher.drop_after_commits > 0:
+                flusher.drop_after_commits -= 1
                 raise psycopg.OperationalError("injected failure: connection lost after COMMIT")
-        except (psycopg.Error, OSError) as error:
+        except (psycopg.Error, OSError, TimeoutError) as error:
             await self._close()
-            self.stats.flush_errors += 1
+            flusher.stats.flush_errors += 1
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
-            self._retry_delay = min(RETRY_MAX_DELAY, max(RETRY_FIRST_DELAY, self._retry_delay * 2))
-            self.stats.flush_retries += 1
+            self.retry_delay = min(RETRY_MAX_DELAY, max(RETRY_FIRST_DELAY, self.retry_delay * 2))
+            flusher.stats.flush_retries += 1
             log.warning(
-                "event=flush_failed writer=%s seq=%d keys=%d retry_in=%.1fs error=%r",
-                writer,
+                "event=flush_failed writer=%s seq=%d rows=%d retry_in=%.1fs error=%r",
+                in_flight.writer,
                 in_flight.seq,
-                in_flight.keys,
-                self._retry_delay,
-                str(error).strip(),
+                in_flight.rows,
+                self.retry_delay,
+                str(error).strip() or type(error).__name__,
             )
             return False
         if self.failing_since is not None:
-            log.info("event=flush_recovered writer=%s after=%.1fs", writer, time.monotonic() - self.failing_since)
+            log.info("event=flush_recovered writer=%s after=%.1fs", self.writer, time.monotonic() - self.failing_since)
         self.failing_since = None
-        self._retry_delay = 0.0
-        self.stats.flushes += 1
-        self.stats.flushed_rows += rows
-        self.stats.flush_seconds.observe(time.perf_counter() - started)
-        self.stats.flush_keys.observe(in_flight.keys)
+        self.retry_delay = 0.0
+        self.last_used = time.monotonic()
+        stats = flusher.stats
+        stats.flushes += 1
+        stats.flushed_rows += rows
+        stats.flush_seconds.observe(time.perf_counter() - started)
+        stats.flush_keys.observe(in_flight.rows)
+        if parked:
+            stats.dead_letters += parked
         return True
 
+    async def _commit(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight) -> tuple[int, int]:
+        """One transaction: the ledger row and the batch. (rows written, units parked as dead letters)."""
+        try:
+            async with conn.transaction():
+                await self._record(conn, in_flight)
+                return await self.buffer.write(conn, in_flight.batch), 0
+        except (psycopg.DataError, psycopg.IntegrityError) as error:
+            if not is_permanent(error):  # the ledger's own key: this very batch committed before
+                log.warning("event=batch_already_committed writer=%s seq=%d", in_flight.writer, in_flight.seq)
+                return 0, 0
+        # PostgreSQL refused some of the data. Again, in one transaction, item by item where it must.
+        log.warning(
+            "event=flush_refused writer=%s seq=%d rows=%d action=isolate",
+            in_flight.writer,
+            in_flight.seq,
+            in_flight.rows,
+        )
+        async with conn.transaction():
+            await self._record(conn, in_flight)
+            return await self._write_isolating(conn, in_flight, in_flight.batch)
+
+    async def _record(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight) -> None:
+        await conn.execute(RECORD_BATCH, (in_flight.writer, in_flight.seq, in_flight.rows, in_flight.units))
+
+    async def _write_isolating(
+        self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, batch: Any
+    ) -> tuple[int, int]:
+        try:
+            async with conn.transaction():  # a savepoint: a refused part rolls back alone
+                return await self.buffer.write(conn, batch), 0
+        except (psycopg.DataError, psycopg.IntegrityError) as error:
+            if not is_permanent(error):
+                raise
+            parts = self.buffer.split(batch)
+            if len(parts) > 1:
+                rows = parked = 0
+                for part in parts:
+                    part_rows, part_parked = await self._write_isolating(conn, in_flight, part)
+                    rows += part_rows
+                    parked += part_parked
+                return rows, parked
+            return 0, await self._park(conn, in_flight, batch, error)
+
+    async def _park(
+        self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, batch: Any, error: psycopg.Error
+    ) -> int:
+        items = self.buffer.dead_letters(batch)
+        sqlstate = error.sqlstate or ""
+        message = str(error).strip() or type(error).__name__
+        await conn.execute(
+            RECORD_DEAD_LETTER, (self.buffer.name, in_flight.writer, in_flight.seq, sqlstate, message, items)
+        )
+        units = self.buffer.dead_letter_units(batch)
+        log.error(
+            "event=dead_letter buffer=%s writer=%s seq=%d units=%d sqlstate=%s error=%r items=%.300s",
+            self.buffer.name,
+            in_flight.writer,
+            in_flight.seq,
+            units,
+            sqlstate,
+            message,
+            ",".join(items),
+        )
+        return units
+
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = await connect(self.dsn)
-            await migrate_async(self._conn)
-            self.connected = True
-        return self._conn
+        if self.conn is None or self.conn.closed:
+            self.conn = await connect(self.flusher.dsn, statement_timeout=self.flusher.flush_timeout)
+            await self.flusher.migrate_once(self.conn)
+            self.last_used = time.monotonic()
+        return self.conn
+
+    async def connect_early(self) -> None:
+        """At start: so `connected` tells the truth before the first flush. A failure here is only logged."""
+        try:
+            async with asyncio.timeout(self.flusher.flush_timeout):
+                await self._connection()
+        except (psycopg.Error, OSError, TimeoutError) as error:
+            log.warning("event=flush_connect_failed buffer=%s error=%r", self.buffer.name, str(error).strip())
+            await self._close()
+
+    async def _idle_upkeep(self) -> None:
+        if time.monotonic() - self.last_used < PING_WHEN_IDLE_FOR:
+            return
+        try:
+            async with asyncio.timeout(self.flusher.flush_timeout):
+                await (await self._connection()).execute("SELECT 1")
+            self.last_used = time.monotonic()
+        except (psycopg.Error, OSError, TimeoutError):
+            await self._close()
 
     async def _close(self) -> None:
-        self.connected = False
-        conn, self._conn = self._conn, None
+        conn, self.conn = self.conn, None
         if conn is not None:
             try:
-                await conn.close()
-            except psycopg.Error:
+                async with asyncio.timeout(1.0):
+                    await conn.close()
+            except (psycopg.Error, OSError, TimeoutError):
                 pass
 
     async def _prune_if_due(self) -> None:
         now = time.monotonic()
-        if now - self._last_prune < PRUNE_EVERY_SECONDS or self._conn is None:
+        if now - self.last_prune < PRUNE_EVERY_SECONDS or self.conn is None:
             return
-        self._last_prune = now
+        self.last_prune = now
         try:
-            for buffer in self.buffers:
-                await self._conn.execute(PRUNE_OWN_BATCHES, (self.writer_of(buffer), self._next_seq - 1))
+            await self.conn.execute(PRUNE_OWN_BATCHES, (self.writer, self.next_seq - 1))
         except psycopg.Error as error:
-            log.warning("event=ledger_prune_failed error=%r", str(error).strip())
+            log.warning("event=ledger_prune_failed writer=%s error=%r", self.writer, str(error).strip())
             await self._close()
+
+
+class Flusher:
+    """The lanes of one worker, and what they share: DSN, interval, timeouts, stats, the writer identity."""
+
+    def __init__(
+        self,
+        dsn: str,
+        buffers: Sequence[FlushBuffer],
+        interval: float,
+        writer: str,
+        stats: WorkerStats,
+        schema: Sequence[str] = (),
+        flush_timeout: float = 30.0,
+    ) -> None:
+        self.dsn = dsn
+        self.interval = interval
+        self.writer = writer
+        self.stats = stats
+        self.schema = schema
+        self.flush_timeout = flush_timeout
+        self.stopping = False
+        self.migrated = False
+        self.drop_after_commits = int(os.environ.get(FAILPOINT_ENV, "0") or 0)
+        self.lanes = {buffer.name: Lane(self, buffer) for buffer in buffers}
+        self.on_adopted_written: Callable[[], None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def connected(self) -> bool:
+        return all(lane.connected for lane in self.lanes.values())
+
+    @property
+    def failing(self) -> bool:
+        return any(lane.failing_since is not None for lane in self.lanes.values())
+
+    def backlog_rows(self) -> int:
+        return sum(lane.backlog_rows() for lane in self.lanes.values())
+
+    def adopt(self, section: str, writer: str, seq: int, records: Sequence[bytes]) -> None:
+        """A batch a dead worker left in its journal: written under its identity, before anything of ours."""
+        lane = self.lanes.get(section)
+        if lane is None:
+            raise LookupError(f"journal section {section!r} has no buffer in this worker")
+        batch = lane.buffer.replay(records)
+        rows, units = lane.buffer.describe(batch)
+        log.warning("event=journal_recovered writer=%s seq=%d rows=%d units=%d", writer, seq, rows, units)
+        lane.adopted.append(InFlight(writer, seq, batch, rows, units))
+        lane.wake.set()
+
+    def adopted_lane_done(self) -> None:
+        if self.on_adopted_written is not None and not any(lane.adopted for lane in self.lanes.values()):
+            self.on_adopted_written()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(lane.run(), name=f"flush-{name}") for name, lane in self.lanes.items()]
+
+    async def connect_early(self) -> None:
+        await asyncio.gather(*(lane.connect_early() for lane in self.lanes.values()))
+
+    async def stop(self) -> None:
+        """Flush everything, then return (the caller bounds how long it waits: the master's graceful timeout)."""
+        self.stopping = True
+        for lane in self.lanes.values():
+            lane.wake.set()
+        await asyncio.gather(*self._tasks)
+
+    async def migrate_once(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if not self.migrated:
+            await migrate_async(conn, self.schema)
+            self.migrated = True

@@ -1,15 +1,22 @@
-"""The crash journal: what a worker answered 202 to but has not flushed yet, in memory that outlives the worker.
+"""The crash journal: what a worker answered but has not flushed yet, in memory that outlives the worker.
 
-The master creates one memfd per worker and keeps it; the worker maps it and appends every accepted request body
-before answering. If the worker dies without flushing (SIGKILL, OOM, a crash), the master hands the journal to the
-slot's next worker, which writes the dead worker's batches under the dead worker's own ledger identity (writer, seq),
-so a batch that had in fact committed is not counted twice, and recovering twice is harmless.
+The master creates one memfd per worker and keeps it; the worker sizes and maps it, with one *section* per flush
+buffer (each feature's pending work), and appends a record for every accepted request before answering. If the
+worker dies without flushing (SIGKILL, OOM, a crash), the master has the journal recovered: each section's batches
+are written under the dead worker's own ledger identity (writer, seq), so a batch that had in fact committed is not
+counted twice, and recovering twice is harmless. What a record means is its buffer's business (its codec).
 
-Layout: a 4 KiB header, then three regions of equal size. At any time one region is *active* (appends go there), at
-most one is *in flight* (a batch the flusher took and has not had acknowledged), and the third is spare (zeroed).
-Records are request bodies (valid JSON, so never a NUL byte) each followed by one NUL; the first double NUL ends a
-region. Header fields are single aligned words written in an order that leaves every crash point recoverable:
-see `take` and `acknowledge`.
+Layout: a 4 KiB directory page (magic, then one entry per section: name and offset), then the sections. A section is
+a 4 KiB header and three regions of equal size. At any time one region is *active* (appends go there), at most one is
+*in flight* (a batch the flusher took and has not had acknowledged), and the third is spare (zeroed).
+
+Rules it keeps:
+1. A record is a 4-byte little-endian length, then that many bytes. The body is written before its length, so a kill
+   in the middle of an append leaves a zero length: the region ends there, and the torn record (never answered) is
+   not read.
+2. Header fields are single aligned words written in an order that leaves every crash point recoverable (see `take`
+   and `acknowledge`); the directory's magic is written last, so a half-initialised journal reads as empty.
+3. A region is zeroed (its pages given back) up to where it was used before it is used again.
 """
 
 from __future__ import annotations
@@ -17,16 +24,25 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-MAGIC = b"FCJ1"
+DIRECTORY_MAGIC = b"FCJ2"
+DIRECTORY_BYTES = 4096
+NAME_BYTES = 64
 HEADER_BYTES = 4096
 REGIONS = 3
 WRITER_BYTES = 512
 NO_REGION = -1
+LENGTH = struct.Struct("<I")
+PAGE = mmap.PAGESIZE
 
-# Header fields: (offset, format)
-_MAGIC = (0, "4s")
+# Directory fields: magic at 0, section count at 8, entries of (name, offset) from 64.
+_DIRECTORY_COUNT = (8, "<i")
+_ENTRY = struct.Struct(f"<{NAME_BYTES}sq")
+_ENTRIES_AT = 64
+
+# Section header fields: (offset, format)
 _ACTIVE = (8, "<i")
 _IN_FLIGHT = (12, "<i")
 _IN_FLIGHT_SEQ = (16, "<q")
@@ -35,39 +51,45 @@ _REGION_BYTES = (32, "<q")
 _WRITER = (64, f"{WRITER_BYTES}s")
 
 
-def journal_size(region_bytes: int) -> int:
+def section_size(region_bytes: int) -> int:
     return HEADER_BYTES + REGIONS * region_bytes
 
 
-def _read(mm: mmap.mmap, field: tuple[int, str]) -> object:
-    return struct.unpack_from(field[1], mm, field[0])[0]
+def journal_size(region_bytes: int, sections: int = 1) -> int:
+    return DIRECTORY_BYTES + sections * section_size(region_bytes)
 
 
-def _write(mm: mmap.mmap, field: tuple[int, str], value: object) -> None:
-    struct.pack_into(field[1], mm, field[0], value)
+def _read(mm: mmap.mmap, base: int, field: tuple[int, str]) -> int:
+    return int(struct.unpack_from(field[1], mm, base + field[0])[0])
+
+
+def _write(mm: mmap.mmap, base: int, field: tuple[int, str], value: object) -> None:
+    struct.pack_into(field[1], mm, base + field[0], value)
 
 
 class Journal:
-    """A worker's own journal. `mm`, `pos` and `end` are public for the request path, which appends inline."""
+    """One buffer's section of a worker's journal. Appends are the request path's; take and acknowledge are the
+    flusher's."""
 
-    __slots__ = ("active", "end", "in_flight", "mm", "pos", "region_bytes")
+    __slots__ = ("active", "base", "end", "in_flight", "mm", "pos", "region_bytes", "used_to")
 
-    def __init__(self, fd: int, writer: str) -> None:
-        self.region_bytes = (os.fstat(fd).st_size - HEADER_BYTES) // REGIONS
-        self.mm = mmap.mmap(fd, journal_size(self.region_bytes))
-        _write(self.mm, _REGION_BYTES, self.region_bytes)
-        _write(self.mm, _WRITER, writer.encode()[:WRITER_BYTES])
-        _write(self.mm, _IN_FLIGHT, NO_REGION)
-        _write(self.mm, _NEXT_SEQ, 1)
-        _write(self.mm, _ACTIVE, 0)
-        _write(self.mm, _MAGIC, MAGIC)
+    def __init__(self, mm: mmap.mmap, base: int, region_bytes: int, writer: str) -> None:
+        self.mm = mm
+        self.base = base
+        self.region_bytes = region_bytes
+        _write(mm, base, _REGION_BYTES, region_bytes)
+        _write(mm, base, _WRITER, writer.encode()[:WRITER_BYTES])
+        _write(mm, base, _IN_FLIGHT, NO_REGION)
+        _write(mm, base, _NEXT_SEQ, 1)
+        _write(mm, base, _ACTIVE, 0)
+        self.used_to = [self._start(region) for region in range(REGIONS)]  # how far each region was written
         self.active = 0
         self.in_flight = NO_REGION
-        self.pos = HEADER_BYTES
-        self.end = HEADER_BYTES + self.region_bytes - 1  # keep the last byte zero: it ends a full region
+        self.pos = self.end = 0
+        self._activate(0)
 
     def _start(self, region: int) -> int:
-        return HEADER_BYTES + region * self.region_bytes
+        return self.base + HEADER_BYTES + region * self.region_bytes
 
     def _spare(self) -> int:
         return min({0, 1, 2} - {self.active, self.in_flight})
@@ -75,33 +97,34 @@ class Journal:
     def _activate(self, region: int) -> None:
         self.active = region
         self.pos = self._start(region)
-        self.end = self.pos + self.region_bytes - 1
+        self.end = self.pos + self.region_bytes - LENGTH.size  # room for the zero length that ends a full region
 
     def used_bytes(self) -> int:
         """How much of the active region is taken (it is compacted, or requests get 503, when full)."""
         return self.pos - self._start(self.active)
 
     def append(self, record: bytes) -> bool:
-        """The slow-path append (the request path inlines the common case). False when the region is full."""
-        end = self.pos + len(record)
-        if end >= self.end:
+        """Add one record; False when the active region cannot hold it (compact, or refuse the request)."""
+        pos = self.pos
+        body_at = pos + 4
+        end = body_at + len(record)
+        if end > self.end:
             return False
-        self.mm[self.pos : end] = record
-        self.pos = end + 1
+        self.mm[body_at:end] = record
+        LENGTH.pack_into(self.mm, pos, len(record))  # after the body: a torn append leaves a zero length
+        self.pos = end
         return True
 
     def compact(self, snapshot: bytes) -> bool:
-        """Replace the active region by one record that sums it up (the pending counts), written to the spare region
+        """Replace the active region by one record that sums it up (everything pending), written to the spare region
         first so that a crash at any point leaves one complete version. False if even that does not fit."""
-        if len(snapshot) >= self.region_bytes - 1:
+        if 4 + len(snapshot) > self.region_bytes - LENGTH.size:
             return False
         old = self.active
-        spare = self._spare()
-        start = self._start(spare)
-        self.mm[start : start + len(snapshot)] = snapshot
-        _write(self.mm, _ACTIVE, spare)
-        self._activate(spare)
-        self.pos = start + len(snapshot) + 1
+        self._remember_use()
+        self._activate(self._spare())
+        self.append(snapshot)
+        _write(self.mm, self.base, _ACTIVE, self.active)
         self._zero(old)
         return True
 
@@ -109,10 +132,11 @@ class Journal:
         """The flusher takes what the active region holds as batch `seq`; appends move to the spare region."""
         taken = self.active
         spare = self._spare()
-        _write(self.mm, _IN_FLIGHT_SEQ, seq)
-        _write(self.mm, _IN_FLIGHT, taken)  # from here recovery treats `taken` as the batch in flight
-        _write(self.mm, _ACTIVE, spare)
-        _write(self.mm, _NEXT_SEQ, seq + 1)
+        self._remember_use()
+        _write(self.mm, self.base, _IN_FLIGHT_SEQ, seq)
+        _write(self.mm, self.base, _IN_FLIGHT, taken)  # from here recovery treats `taken` as the batch in flight
+        _write(self.mm, self.base, _ACTIVE, spare)
+        _write(self.mm, self.base, _NEXT_SEQ, seq + 1)
         self.in_flight = taken
         self._activate(spare)
 
@@ -120,48 +144,89 @@ class Journal:
         """The batch in flight is committed: forget it (zeroed first, then unmarked; a crash between is harmless)."""
         if self.in_flight != NO_REGION:
             self._zero(self.in_flight)
-            _write(self.mm, _IN_FLIGHT, NO_REGION)
+            _write(self.mm, self.base, _IN_FLIGHT, NO_REGION)
             self.in_flight = NO_REGION
 
+    def _remember_use(self) -> None:
+        self.used_to[self.active] = max(self.used_to[self.active], self.pos + LENGTH.size)
+
     def _zero(self, region: int) -> None:
-        # Punching a hole zeroes the pages and gives their memory back.
-        self.mm.madvise(mmap.MADV_REMOVE, self._start(region), self.region_bytes)
+        # Punching a hole zeroes the pages and gives their memory back; only the part that was written, so that
+        # releasing a region costs what was used, not its whole size.
+        start = self._start(region)
+        used = self.used_to[region] - start
+        if used > 0:
+            self.mm.madvise(mmap.MADV_REMOVE, start, min(self.region_bytes, -(-used // PAGE) * PAGE))
+            self.used_to[region] = start
+
+
+class JournalFile:
+    """A worker's whole journal: sizes the master's memfd for one section per buffer and lays out the directory."""
+
+    def __init__(self, fd: int, region_bytes: int, names: Sequence[str], writer_of: Callable[[str], str]) -> None:
+        size = journal_size(region_bytes, len(names))
+        os.ftruncate(fd, size)
+        self.mm = mmap.mmap(fd, size)
+        self.sections: dict[str, Journal] = {}
+        for index, name in enumerate(names):
+            base = DIRECTORY_BYTES + index * section_size(region_bytes)
+            self.sections[name] = Journal(self.mm, base, region_bytes, writer_of(name))
+            _ENTRY.pack_into(self.mm, _ENTRIES_AT + index * _ENTRY.size, name.encode()[:NAME_BYTES], base)
+        _write(self.mm, 0, _DIRECTORY_COUNT, len(names))
+        self.mm[0:4] = DIRECTORY_MAGIC
 
 
 @dataclass(frozen=True)
 class RecoveredBatch:
+    section: str  # the buffer whose codec reads the records
     writer: str
     seq: int
     records: list[bytes]
 
 
+def _records(mm: mmap.mmap, start: int, region_bytes: int) -> list[bytes]:
+    records = []
+    pos, end = start, start + region_bytes - LENGTH.size
+    while pos + 4 <= end:
+        (length,) = LENGTH.unpack_from(mm, pos)
+        if length == 0 or pos + 4 + length > end:
+            break
+        records.append(mm[pos + 4 : pos + 4 + length])
+        pos += 4 + length
+    return records
+
+
+def _recover_section(mm: mmap.mmap, name: str, base: int) -> list[RecoveredBatch]:
+    region_bytes = _read(mm, base, _REGION_BYTES)
+    writer = bytes(struct.unpack_from(_WRITER[1], mm, base + _WRITER[0])[0]).rstrip(b"\0").decode()
+    active = _read(mm, base, _ACTIVE)
+    in_flight = _read(mm, base, _IN_FLIGHT)
+    in_flight_seq = _read(mm, base, _IN_FLIGHT_SEQ)
+    next_seq = _read(mm, base, _NEXT_SEQ)
+
+    def region_records(region: int) -> list[bytes]:
+        return _records(mm, base + HEADER_BYTES + region * region_bytes, region_bytes)
+
+    batches = []
+    if in_flight != NO_REGION:
+        batches.append(RecoveredBatch(name, writer, in_flight_seq, region_records(in_flight)))
+        next_seq = max(next_seq, in_flight_seq + 1)
+    if active != in_flight:
+        batches.append(RecoveredBatch(name, writer, next_seq, region_records(active)))
+    return batches
+
+
 def recover(fd: int) -> list[RecoveredBatch]:
-    """The batches a dead worker left: the one in flight (if any) under its own seq, then its pending records under
-    the seq its next batch would have had. Both keep the dead worker's writer identity for the ledger."""
+    """The batches a dead worker left, per section: the one in flight (if any) under its own seq, then its pending
+    records under the seq its next batch would have had. Both keep the dead worker's writer identity for the ledger."""
     size = os.fstat(fd).st_size
-    if size < HEADER_BYTES:
+    if size < DIRECTORY_BYTES:
         return []
     with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
-        if _read(mm, _MAGIC) != MAGIC:
+        if mm[0:4] != DIRECTORY_MAGIC:
             return []  # the worker died before it initialised its journal: nothing was accepted
-        region_bytes = int(_read(mm, _REGION_BYTES))  # type: ignore[call-overload]
-        writer = bytes(_read(mm, _WRITER)).rstrip(b"\0").decode()  # type: ignore[call-overload]
-        active = int(_read(mm, _ACTIVE))  # type: ignore[call-overload]
-        in_flight = int(_read(mm, _IN_FLIGHT))  # type: ignore[call-overload]
-        in_flight_seq = int(_read(mm, _IN_FLIGHT_SEQ))  # type: ignore[call-overload]
-        next_seq = int(_read(mm, _NEXT_SEQ))  # type: ignore[call-overload]
-
-        def records(region: int) -> list[bytes]:
-            start = HEADER_BYTES + region * region_bytes
-            data = mm[start : start + region_bytes]
-            end = data.find(b"\0\0")
-            data = data[: end if end != -1 else len(data)].strip(b"\0")
-            return [record for record in data.split(b"\0") if record]
-
         batches = []
-        if in_flight != NO_REGION:
-            batches.append(RecoveredBatch(writer, in_flight_seq, records(in_flight)))
-            next_seq = max(next_seq, in_flight_seq + 1)
-        if active != in_flight:
-            batches.append(RecoveredBatch(writer, next_seq, records(active)))
+        for index in range(_read(mm, 0, _DIRECTORY_COUNT)):
+            raw_name, base = _ENTRY.unpack_from(mm, _ENTRIES_AT + index * _ENTRY.size)
+            batches += _recover_section(mm, raw_name.rstrip(b"\0").decode(), base)
     return [batch for batch in batches if batch.records]
