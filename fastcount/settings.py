@@ -8,23 +8,35 @@ parse argv (cli.py does).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "FASTCOUNT_"
 
 
-def _knob(default: Any, help: str, *, minimum: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "minimum": minimum})
+def _knob(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    default_text: str | None = None,
+) -> Any:
+    """default_text: how --help and the docs show a default that depends on the machine."""
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "default_text": default_text}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Settings:
     host: str = _knob("0.0.0.0", "address to listen on")
-    port: int = _knob(3333, "TCP port of the API", minimum=0)
-    workers: int = _knob(os.cpu_count() or 1, "worker processes (default: number of CPUs)", minimum=1)
+    port: int = _knob(3333, "TCP port of the API", minimum=0, maximum=65535)
+    workers: int = _knob(os.cpu_count() or 1, "worker processes", minimum=1, default_text="number of CPUs")
     dsn: str = _knob("", "PostgreSQL connection string; empty starts the embedded PostgreSQL under --data-dir")
+    db_wait: float = _knob(10.0, "seconds to keep trying to reach PostgreSQL at start before giving up", minimum=0)
     data_dir: str = _knob("./.fastcount", "directory of the embedded PostgreSQL cluster (used when --dsn is empty)")
     flush_interval: float = _knob(1.0, "seconds between flushes of each worker's pending counts", minimum=0.01)
     flush_max_keys: int = _knob(50_000, "distinct pending keys that trigger an early flush", minimum=1)
@@ -46,39 +58,97 @@ class Settings:
     tcp_nodelay: bool = _knob(True, "TCP_NODELAY on client connections (answers leave at once)")
     tcp_defer_accept: int = _knob(0, "TCP_DEFER_ACCEPT seconds: wake a worker only once a client sent data", minimum=0)
     admin_host: str = _knob("127.0.0.1", "address of the admin listener (GET /metrics)")
-    admin_port: int = _knob(3334, "port of the admin listener serving Prometheus metrics; 0 turns it off", minimum=0)
+    admin_port: int = _knob(
+        3334, "port of the admin listener serving Prometheus metrics; 0 turns it off", minimum=0, maximum=65535
+    )
     env_file: str = _knob("", "file of FASTCOUNT_*=value lines, read at start and again on every SIGHUP")
     log_level: str = _knob("info", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
+        # Messages say {0} (and {1}) where a setting is named: from_sources names the flag or variable it came from.
         for spec in dataclasses.fields(self):
-            minimum = spec.metadata["minimum"]
+            minimum, maximum = spec.metadata["minimum"], spec.metadata["maximum"]
             value = getattr(self, spec.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingError(f"{{0}} must be a finite number, got {value}", spec.name)
+            if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+                raise SettingError(f"{{0}} must be from {minimum} to {maximum}, got {value}", spec.name)
             if minimum is not None and value < minimum:
-                raise ValueError(f"{spec.name} must be >= {minimum}, got {value}")
+                raise SettingError(f"{{0}} must be >= {minimum}, got {value}", spec.name)
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+            raise SettingError(
+                f"{{0}} must be debug, info, warning or error, got {_braced(repr(self.log_level))}", "log_level"
+            )
         if self.flush_max_keys > self.max_pending_keys:
-            raise ValueError("flush_max_keys must not exceed max_pending_keys")
+            raise SettingError(
+                f"{{0}} ({self.flush_max_keys}) must not exceed {{1}} ({self.max_pending_keys})",
+                "flush_max_keys",
+                "max_pending_keys",
+            )
 
     @staticmethod
     def env_name(field_name: str) -> str:
         return ENV_PREFIX + field_name.upper()
 
+    @staticmethod
+    def flag_name(field_name: str) -> str:
+        return "--" + field_name.replace("_", "-")
+
     @classmethod
     def from_sources(cls, overrides: dict[str, Any], environ: dict[str, str] | None = None) -> Settings:
-        """Defaults, then the env file, then FASTCOUNT_* variables, then explicit overrides (flags) win."""
+        """Defaults, then the env file, then FASTCOUNT_* variables, then explicit overrides (flags) win.
+
+        Overrides are flag values, as typed values or as the strings argv gave. A refused value raises ValueError with
+        one line naming the flag or variable it came from (`--port must be ...`, `FASTCOUNT_PORT must be ...`).
+        """
         environ = dict(os.environ) if environ is None else environ
-        env_file = overrides.get("env_file") or environ.get(cls.env_name("env_file"))
-        if env_file:
-            environ = {**read_env_file(env_file), **environ}
-        values: dict[str, Any] = {}
-        for spec in dataclasses.fields(cls):
-            raw = environ.get(cls.env_name(spec.name))
-            if raw is not None:
-                values[spec.name] = _convert(spec, raw)
-        values.update({name: value for name, value in overrides.items() if value is not None})
-        return cls(**values)
+        sources: dict[str, str] = {}  # setting -> the flag or variable that gave it, to name it in messages
+        try:
+            env_file = overrides.get("env_file") or environ.get(cls.env_name("env_file"))
+            from_file: dict[str, str] = {}
+            if env_file:
+                if not overrides.get("env_file"):
+                    sources["env_file"] = cls.env_name("env_file")
+                try:
+                    from_file = read_env_file(env_file)
+                except OSError as error:
+                    raise SettingError(
+                        f"{{0}}: cannot read {_braced(env_file)}: {error.strerror}", "env_file"
+                    ) from None
+            fields = {spec.name: spec for spec in dataclasses.fields(cls)}
+            values: dict[str, Any] = {}
+            for spec in fields.values():
+                variable = cls.env_name(spec.name)
+                if variable in environ:
+                    sources[spec.name] = variable
+                    values[spec.name] = _convert(spec, environ[variable])
+                elif variable in from_file:
+                    sources[spec.name] = f"{variable} in {env_file}"
+                    values[spec.name] = _convert(spec, from_file[variable])
+            for name, value in overrides.items():
+                if value is not None:
+                    sources[name] = cls.flag_name(name)
+                    values[name] = _convert(fields[name], value) if isinstance(value, str) else value
+            return cls(**values)
+        except SettingError as error:
+            raise ValueError(error.naming(lambda name: sources.get(name) or cls.flag_name(name))) from None
+
+
+class SettingError(ValueError):
+    """A refused value, its message a template naming each setting as {0}, {1}, ...: the caller knows its source."""
+
+    def __init__(self, template: str, *names: str) -> None:
+        self.template = template
+        self.names = names
+        super().__init__(self.naming(Settings.flag_name))
+
+    def naming(self, label: Callable[[str], str]) -> str:
+        return self.template.format(*(label(name) for name in self.names))
+
+
+def _braced(text: str) -> str:
+    """Text to put into a SettingError template as itself."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def parse_bool(raw: str) -> bool:
@@ -113,9 +183,10 @@ def _convert(spec: dataclasses.Field[Any], raw: str) -> Any:
     if kind is bool:
         try:
             return parse_bool(raw)
-        except ValueError as problem:
-            raise ValueError(f"{Settings.env_name(spec.name)}: {problem}") from None
+        except ValueError:
+            raise SettingError(f"{{0}} expects true/false, got {_braced(repr(raw))}", spec.name) from None
     try:
         return kind(raw)
     except ValueError:
-        raise ValueError(f"{Settings.env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None
+        expected = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise SettingError(f"{{0}} expects {expected}, got {_braced(repr(raw))}", spec.name) from None
