@@ -8,8 +8,9 @@ parse argv (cli.py does).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -17,9 +18,18 @@ ENV_PREFIX = "FASTCOUNT_"
 SectionT = TypeVar("SectionT")
 
 
-def knob(default: Any, help: str, *, minimum: float | None = None) -> Any:
-    """A setting: its default, its help line and its check. Features declare theirs with it too."""
-    return field(default=default, metadata={"help": help, "minimum": minimum})
+def knob(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    default_text: str | None = None,
+) -> Any:
+    """A setting: its default, its help line and its checks; features declare theirs with it too.
+    default_text: how --help and the docs show a default that depends on the machine."""
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "default_text": default_text}
+    return field(default=default, metadata=metadata)
 
 
 _knob = knob
@@ -28,9 +38,10 @@ _knob = knob
 @dataclass(frozen=True)
 class Settings:
     host: str = _knob("0.0.0.0", "address to listen on")
-    port: int = _knob(3333, "TCP port of the API", minimum=0)
-    workers: int = _knob(os.cpu_count() or 1, "worker processes (default: number of CPUs)", minimum=1)
+    port: int = _knob(3333, "TCP port of the API", minimum=0, maximum=65535)
+    workers: int = _knob(os.cpu_count() or 1, "worker processes", minimum=1, default_text="number of CPUs")
     dsn: str = _knob("", "PostgreSQL connection string; empty starts the embedded PostgreSQL under --data-dir")
+    db_wait: float = _knob(10.0, "seconds to keep trying to reach PostgreSQL at start before giving up", minimum=0)
     data_dir: str = _knob("./.fastcount", "directory of the embedded PostgreSQL cluster (used when --dsn is empty)")
     flush_interval: float = _knob(1.0, "seconds between flushes of each worker's pending counts", minimum=0.01)
     flush_max_keys: int = _knob(50_000, "distinct pending keys that trigger an early flush", minimum=1)
@@ -52,7 +63,9 @@ class Settings:
     tcp_nodelay: bool = _knob(True, "TCP_NODELAY on client connections (answers leave at once)")
     tcp_defer_accept: int = _knob(0, "TCP_DEFER_ACCEPT seconds: wake a worker only once a client sent data", minimum=0)
     admin_host: str = _knob("127.0.0.1", "address of the admin listener (GET /metrics)")
-    admin_port: int = _knob(3334, "port of the admin listener serving Prometheus metrics; 0 turns it off", minimum=0)
+    admin_port: int = _knob(
+        3334, "port of the admin listener serving Prometheus metrics; 0 turns it off", minimum=0, maximum=65535
+    )
     env_file: str = _knob("", "file of FASTCOUNT_*=value lines, read at start and again on every SIGHUP")
     log_level: str = _knob("info", "debug, info, warning or error")
     flush_timeout: float = _knob(
@@ -64,13 +77,23 @@ class Settings:
     def __post_init__(self) -> None:
         check_knobs(self)
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+            raise SettingError(
+                f"{{0}} must be debug, info, warning or error, got {_braced(repr(self.log_level))}", "log_level"
+            )
         if self.flush_max_keys > self.max_pending_keys:
-            raise ValueError("flush_max_keys must not exceed max_pending_keys")
+            raise SettingError(
+                f"{{0}} ({self.flush_max_keys}) must not exceed {{1}} ({self.max_pending_keys})",
+                "flush_max_keys",
+                "max_pending_keys",
+            )
 
     @staticmethod
     def env_name(field_name: str) -> str:
         return ENV_PREFIX + field_name.upper()
+
+    @staticmethod
+    def flag_name(field_name: str) -> str:
+        return "--" + field_name.replace("_", "-")
 
     def section(self, cls: type[SectionT]) -> SectionT:
         """A feature's settings (a frozen dataclass of knobs), from the values read with the rest."""
@@ -82,23 +105,47 @@ class Settings:
         cls, overrides: dict[str, Any], environ: dict[str, str] | None = None, sections: Sequence[type] = ()
     ) -> Settings:
         """Defaults, then the env file, then FASTCOUNT_* variables, then explicit overrides (flags) win. `sections`
-        are the features' settings classes, checked here so a bad value stops the start."""
+        are the features' settings classes, checked here too, so a bad value stops the start.
+
+        Overrides are flag values, as typed values or as the strings argv gave. A refused value raises ValueError with
+        one line naming the flag or variable it came from (`--port must be ...`, `FASTCOUNT_PORT must be ...`).
+        """
         environ = dict(os.environ) if environ is None else environ
-        env_file = overrides.get("env_file") or environ.get(cls.env_name("env_file"))
-        if env_file:
-            environ = {**read_env_file(env_file), **environ}
-        values: dict[str, Any] = {}
-        for _owner, spec in knob_fields(sections):
-            raw = environ.get(cls.env_name(spec.name))
-            if raw is not None:
-                values[spec.name] = _convert(spec, raw)
-            if overrides.get(spec.name) is not None:
-                values[spec.name] = overrides[spec.name]
-        own = {spec.name for spec in dataclasses.fields(cls)}
-        section_values = {name: value for name, value in values.items() if name not in own}
-        for section in sections:
-            section(**{s.name: section_values[s.name] for s in dataclasses.fields(section) if s.name in section_values})
-        return cls(**{name: value for name, value in values.items() if name in own}, sections=section_values)
+        sources: dict[str, str] = {}  # setting -> the flag or variable that gave it, to name it in messages
+        try:
+            env_file = overrides.get("env_file") or environ.get(cls.env_name("env_file"))
+            from_file: dict[str, str] = {}
+            if env_file:
+                if not overrides.get("env_file"):
+                    sources["env_file"] = cls.env_name("env_file")
+                try:
+                    from_file = read_env_file(env_file)
+                except OSError as error:
+                    raise SettingError(
+                        f"{{0}}: cannot read {_braced(env_file)}: {error.strerror}", "env_file"
+                    ) from None
+            fields = {spec.name: spec for _, spec in knob_fields(sections)}
+            values: dict[str, Any] = {}
+            for spec in fields.values():
+                variable = cls.env_name(spec.name)
+                if variable in environ:
+                    sources[spec.name] = variable
+                    values[spec.name] = _convert(spec, environ[variable])
+                elif variable in from_file:
+                    sources[spec.name] = f"{variable} in {env_file}"
+                    values[spec.name] = _convert(spec, from_file[variable])
+            for name, value in overrides.items():
+                if value is not None:
+                    sources[name] = cls.flag_name(name)
+                    values[name] = _convert(fields[name], value) if isinstance(value, str) else value
+            own = {spec.name for spec in dataclasses.fields(cls)}
+            section_values = {name: value for name, value in values.items() if name not in own}
+            for section in sections:
+                names = {spec.name for spec in dataclasses.fields(section)}
+                section(**{name: value for name, value in section_values.items() if name in names})
+            return cls(**{name: value for name, value in values.items() if name in own}, sections=section_values)
+        except SettingError as error:
+            raise ValueError(error.naming(lambda name: sources.get(name) or cls.flag_name(name))) from None
 
 
 def knob_fields(sections: Sequence[type] = ()) -> Iterator[tuple[type, dataclasses.Field[Any]]]:
@@ -110,12 +157,34 @@ def knob_fields(sections: Sequence[type] = ()) -> Iterator[tuple[type, dataclass
 
 
 def check_knobs(values: Any) -> None:
-    """The checks every knob declares (its minimum); run by each settings dataclass after it is built."""
+    """The checks every knob declares; run by each settings dataclass (the core's and the features') when built.
+    Messages say {0} where a setting is named: from_sources names the flag or variable it came from."""
     for spec in dataclasses.fields(values):
-        minimum = spec.metadata.get("minimum")
+        minimum, maximum = spec.metadata.get("minimum"), spec.metadata.get("maximum")
         value = getattr(values, spec.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingError(f"{{0}} must be a finite number, got {value}", spec.name)
+        if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+            raise SettingError(f"{{0}} must be from {minimum} to {maximum}, got {value}", spec.name)
         if minimum is not None and value < minimum:
-            raise ValueError(f"{spec.name} must be >= {minimum}, got {value}")
+            raise SettingError(f"{{0}} must be >= {minimum}, got {value}", spec.name)
+
+
+class SettingError(ValueError):
+    """A refused value, its message a template naming each setting as {0}, {1}, ...: the caller knows its source."""
+
+    def __init__(self, template: str, *names: str) -> None:
+        self.template = template
+        self.names = names
+        super().__init__(self.naming(Settings.flag_name))
+
+    def naming(self, label: Callable[[str], str]) -> str:
+        return self.template.format(*(label(name) for name in self.names))
+
+
+def _braced(text: str) -> str:
+    """Text to put into a SettingError template as itself."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def parse_bool(raw: str) -> bool:
@@ -150,9 +219,10 @@ def _convert(spec: dataclasses.Field[Any], raw: str) -> Any:
     if kind is bool:
         try:
             return parse_bool(raw)
-        except ValueError as problem:
-            raise ValueError(f"{Settings.env_name(spec.name)}: {problem}") from None
+        except ValueError:
+            raise SettingError(f"{{0}} expects true/false, got {_braced(repr(raw))}", spec.name) from None
     try:
         return kind(raw)
     except ValueError:
-        raise ValueError(f"{Settings.env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None
+        expected = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise SettingError(f"{{0}} expects {expected}, got {_braced(repr(raw))}", spec.name) from None

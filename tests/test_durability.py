@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from conftest import Database, StartServer, free_port
+from fastcount.store.embedded import temporary_postgres
+
+from conftest import Database, StartServer
 from httpclient import increment, request
 from load import Load
 
@@ -63,8 +65,12 @@ def test_retry_after_connection_lost_past_commit_does_not_count_twice(
 def test_pending_bound_gives_503_with_retry_after_when_postgres_is_unreachable(
     start_server: StartServer, prefix: str
 ) -> None:
-    dead_dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    server = start_server("--max-pending-keys", "50", "--flush-max-keys", "10", "--graceful-timeout", "1", dsn=dead_dsn)
+    # A start needs PostgreSQL (it migrates first), so it goes away once the server is up, before the first request.
+    with temporary_postgres("fastcount-outage-") as doomed:
+        server = start_server(
+            "--max-pending-keys", "50", "--flush-max-keys", "10", "--graceful-timeout", "1", dsn=doomed.dsn
+        )
+        doomed.stop()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     answers = [increment(conn, f"{prefix}{i}", 1) for i in range(80)]
     conn.close()

@@ -1,12 +1,15 @@
 """The embedded PostgreSQL: a private cluster under --data-dir, used when no DSN is given.
 
 Binaries come from the `pgserver` wheel when installed, else from `pg_config --bindir` or PATH. The cluster listens
-on 127.0.0.1 only, on a port remembered in the data directory. This module starts and stops that server; schema and
-queries live in database.py.
+on 127.0.0.1 only, on a port remembered in the data directory. One fastcount at a time owns a data directory (a lock
+held for the life of the process), so a second start cannot stop the first one's cluster. This module starts and
+stops that server; schema and queries live in database.py.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.util
 import logging
 import os
@@ -27,10 +30,61 @@ INSTALL_HINT = (
 )
 SERVICE_USER = "fastcount-pg"  # who runs postgres when we are root: initdb and postgres refuse to run as root
 PORT_FILE = "fastcount.port"
+LOCK_FILE = "fastcount.lock"
 
 
 class EmbeddedPostgresError(RuntimeError):
     pass
+
+
+class DataDirInUse(EmbeddedPostgresError):
+    def __init__(self, data_dir: str, pid: int | None) -> None:
+        holder = "another fastcount" + (f" (pid {pid})" if pid else "")
+        super().__init__(f"data directory {data_dir} is in use by {holder}; stop it or use --data-dir")
+        self.pid = pid
+
+
+class DataDirLock:
+    """An exclusive flock on <data-dir>/fastcount.lock, which also records the holder's pid for the message.
+
+    The kernel drops the lock when the process dies, however it dies, so a stale file never blocks a start. The
+    descriptor is not inheritable: neither workers nor the postmaster keep the lock after the holder is gone.
+    """
+
+    def __init__(self, data_dir: Path, shown_as: str) -> None:
+        self.path = data_dir / LOCK_FILE
+        self.shown_as = shown_as
+        self._fd = -1
+
+    def acquire(self) -> None:
+        """Take the lock without waiting; DataDirInUse if another process holds it, OSError if the file is unusable."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise DataDirInUse(self.shown_as, self._holder()) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock; the file stays, it is harmless
+            self._fd = -1
+
+    def _holder(self) -> int | None:
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None  # empty while the holder is between flock and write
 
 
 def find_bindir() -> Path:
@@ -69,6 +123,7 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.pgdata = self.data_dir / "pgdata"
+        self.lock = DataDirLock(self.data_dir, str(data_dir))
         self.bindir = find_bindir()
         self.port = 0
         self._run_as: str | None = None
@@ -80,8 +135,23 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> str:
-        """Create the cluster if needed and start it; returns the DSN. Reuses a server already running there."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Lock the data directory, create the cluster if needed and start it; returns the DSN.
+
+        Raises DataDirInUse, touching nothing, when another fastcount holds the directory. A server running there
+        without a holder (left by a fastcount that was killed) is reused.
+        """
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+        except OSError as error:
+            raise EmbeddedPostgresError(f"cannot use data directory {self.lock.shown_as}: {error.strerror}") from None
+        try:
+            return self._start_locked()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _start_locked(self) -> str:
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb()
         running_port = self._running_port()
@@ -100,9 +170,12 @@ class EmbeddedPostgres:
         return self.dsn
 
     def stop(self) -> None:
-        if self._running_port():
-            self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
-            log.info("event=embedded_postgres_stopped data_dir=%s", self.pgdata)
+        """Stop the server this object started or reused; release the data directory."""
+        if self.lock.held:
+            if self._running_port():
+                self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
+                log.info("event=embedded_postgres_stopped data_dir=%s", self.pgdata)
+            self.lock.release()
 
     def _choose_port(self) -> int:
         remembered = self.data_dir / PORT_FILE
