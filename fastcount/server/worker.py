@@ -189,6 +189,44 @@ class Worker:
             pass  # a full pipe means the master is busy, a broken one that it is gone; neither should stop serving
 
 
+def run_recovery(slot: int, status_fd: int, recover_fds: tuple[int, ...], settings: Settings, dsn: str) -> int:
+    """`--recover-only`: commit dead workers' journals under their own ledger identities, say "J", exit 0. The master
+    keeps the journals until then, so a recovery that fails or is killed can simply run again."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    async def commit_all() -> None:
+        flusher = Flusher(dsn, [], settings.flush_interval, writer_identity(slot), WorkerStats())
+        # build_features wants a read pool; a recovery serves no reads, so it is never opened.
+        unused_pool: AsyncConnectionPool[Any] = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
+        buffer = build_features(settings, flusher, unused_pool).journaled
+        for fd in recover_fds:
+            for batch in recover(fd):
+                counts = buffer.replay(batch.records)
+                log.warning(
+                    "event=journal_recovered slot=%d writer=%s seq=%d keys=%d total=%d",
+                    slot,
+                    batch.writer,
+                    batch.seq,
+                    len(counts),
+                    sum(counts.values()),
+                )
+                flusher.adopt(buffer, batch.writer, batch.seq, counts)
+        # A stopping flusher writes what it adopted (retrying with back-off) and returns once a pass finds nothing.
+        await flusher.stop(asyncio.create_task(flusher.run(), name="recovery"))
+
+    configure_logging(settings.log_level, f"recovery{slot}")
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(commit_all())
+    except Exception:
+        log.exception("event=recovery_failed slot=%d", slot)
+        return EXIT_CRASHED
+    finally:
+        loop.close()
+    os.write(status_fd, MSG_JOURNALS_RECOVERED)
+    return EXIT_OK
+
+
 def worker_config(settings: Settings, dsn: str) -> str:
     return orjson.dumps({"settings": dataclasses.asdict(settings), "dsn": dsn}).decode()
 
@@ -196,13 +234,16 @@ def worker_config(settings: Settings, dsn: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="a fastcount worker (started by the master, not by hand)")
     parser.add_argument("--slot", type=int, required=True)
-    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, default=-1)
     parser.add_argument("--status-fd", type=int, required=True)
     parser.add_argument("--journal-fd", type=int, default=-1)
     parser.add_argument("--recover-fd", type=int, action="append", default=[])
+    parser.add_argument("--recover-only", action="store_true", help="commit the --recover-fd journals, then exit")
     args = parser.parse_args(argv)
     config = orjson.loads(os.environ.pop(CONFIG_ENV))
     settings = Settings(**config["settings"])
+    if args.recover_only:
+        return run_recovery(args.slot, args.status_fd, tuple(args.recover_fd), settings, config["dsn"])
     configure_logging(settings.log_level, f"worker{args.slot}")
     try:
         sock = socket.socket(fileno=args.listen_fd)
