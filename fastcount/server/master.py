@@ -328,7 +328,8 @@ class Master:
         if self.admin is not None and (admin_due := self.admin.next_deadline()) is not None:
             due.append(admin_due)
         due += [slot.next_spawn_at for slot in self.slots if slot.next_spawn_at > now]
-        due += [journal.next_attempt_at for journal in self.journals if not journal.recovering]
+        if not self.killed_all:
+            due += [j.next_attempt_at for j in self.journals if not j.recovering and j.next_attempt_at > now]
         return max(0.0, min(due) - now)
 
     def _children(self) -> list[Child]:
