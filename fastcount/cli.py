@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(problem), 2)
     configure_logging(settings.log_level, "master")
     try:
+        if args.command == "serve":
+            _refuse_busy_ports(settings)  # before the database is touched: one line, nothing started
         with _database(settings) as dsn:
             prepare_database(dsn, settings.db_wait)
             if args.command == "migrate":
@@ -114,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(error), error.exit_code)
     except KeyboardInterrupt:
         return 130  # Ctrl-C before the master took over signals: the embedded cluster was stopped on the way out
+
+
+def _refuse_busy_ports(settings: Settings) -> None:
+    from fastcount.server.master import MasterError, refuse_a_port_in_use
+
+    try:
+        refuse_a_port_in_use(settings.host, settings.port)
+        if settings.admin_port:
+            refuse_a_port_in_use(settings.admin_host, settings.admin_port, "admin")
+    except MasterError as error:
+        raise StartupError(str(error)) from None
 
 
 def _fail(message: str, exit_code: int) -> int:

@@ -107,9 +107,13 @@ class MetricsBook:
         self.live: dict[int, tuple[int, dict[str, Any]]] = {}  # pid -> (slot, latest snapshot)
         self.retired: dict[int, dict[str, Any]] = {slot: _empty() for slot in range(slots)}
         self.worker_restarts = 0
+        self.worker_boot_failures = 0
         self.reloads = 0
+        self.reloads_aborted = 0
         self.ready_workers = 0
         self.help_texts: dict[str, str] = {}
+        self.journals_pending = 0  # dead workers' journals the master holds until a recovery process commits them
+        self.journal_recovery_failures = 0
 
     def record(self, pid: int, slot: int, snapshot: dict[str, Any]) -> None:
         self.live[pid] = (slot, snapshot)
@@ -178,5 +182,23 @@ class MetricsBook:
         yield CounterMetricFamily(
             "fastcount_worker_restarts", "workers that died and were replaced", self.worker_restarts
         )
+        yield CounterMetricFamily(
+            "fastcount_worker_boot_failures",
+            "workers that exited before they served (the slot is retried with back-off)",
+            self.worker_boot_failures,
+        )
         yield CounterMetricFamily("fastcount_reloads", "SIGHUP reloads started", self.reloads)
+        yield CounterMetricFamily(
+            "fastcount_reloads_aborted", "reloads abandoned because a new worker did not boot", self.reloads_aborted
+        )
+        yield GaugeMetricFamily(
+            "fastcount_journals_pending",
+            "crash journals of dead workers not yet committed by a recovery process",
+            self.journals_pending,
+        )
+        yield CounterMetricFamily(
+            "fastcount_journal_recovery_failures",
+            "recovery processes that exited before committing their journal (retried with back-off)",
+            self.journal_recovery_failures,
+        )
         yield GaugeMetricFamily("fastcount_workers_ready", "workers serving now", self.ready_workers)
