@@ -42,7 +42,6 @@ FEED_SLICE = 4096  # a larger read is parsed this much at a time, so rule 4 is c
 # "<method> <target> HTTP/1.1\r\n" without method and target, plus the blank line that ends the head.
 REQUEST_LINE_OVERHEAD = 14
 MAX_METHOD_LENGTH = 24  # longer than any method llhttp knows; the method is measured only near the limit
-HEADER_OVERHEAD = 4  # ": " and CRLF around each header's name and value
 
 BAD_REQUEST = constant_error(400, "malformed HTTP request")
 BODY_TOO_LARGE = constant_error(413, "request body too large")
@@ -268,6 +267,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._update_reading()
                 return
             self._feed(view[start : start + FEED_SLICE])
+            if self.out:  # write per slice, so a transport whose buffer fills can tell us before the next one
+                self._write_out()
 
     def _too_much_pending(self) -> bool:
         return self.writing_paused or (self.queue is not None and len(self.queue) >= MAX_PENDING_ANSWERS)
@@ -329,11 +330,12 @@ class HttpProtocol(asyncio.Protocol):
             self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        head_bytes = self.head_bytes + len(name) + len(value) + HEADER_OVERHEAD
+        name_length = len(name)
+        head_bytes = self.head_bytes + name_length + len(value) + 4  # ": " and CRLF
         if head_bytes > self.max_head_bytes:
             raise RequestRejected(HEADERS_TOO_LARGE)
         self.head_bytes = head_bytes
-        if len(name) in self.watched_header_lengths and not self.headers_done:  # trailers frame nothing
+        if name_length in self.watched_header_lengths and not self.headers_done:  # trailers frame nothing
             name = name.lower()
             if name == b"content-length":  # llhttp has checked it is a number
                 self.content_length = int(value)
