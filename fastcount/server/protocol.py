@@ -240,10 +240,14 @@ class HttpProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded(data, upgrade.args[0])
-            return
+            upgrade_at: int = upgrade.args[0]
         except httptools.HttpParserError as error:
             self._parse_failed(error)
+            return
+        else:
+            upgrade_at = -1
+        if upgrade_at >= 0:  # outside the except clause: errors of the rest must not be chained to the upgrade
+            self._upgraded(data, upgrade_at)
             return
         if self.in_message and not self.closing:
             if continuing and mark == (self.requests, self.head_bytes + self.body_size):
