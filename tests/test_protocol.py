@@ -1,15 +1,19 @@
-"""HttpProtocol fed bytes directly (no socket): framing, limits, pipelining and the lean/full parser split.
+"""HttpProtocol fed bytes directly (no socket): framing, limits, pipelining, upgrades and flow control.
 
-These pin down parser edge cases deterministically, down to how the bytes are cut; tests/test_http.py repeats the
-important ones against the real server over real sockets.
+These pin down parser edge cases deterministically, down to how the bytes are cut; tests/test_http.py and
+tests/test_http_limits.py repeat the important ones against the real server over real sockets, and
+tests/test_protocol_properties.py checks random request streams cut at random points against a model.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
 import pytest
 
 from fastcount.observability.stats import WorkerStats
-from fastcount.server.protocol import ConnectionLimits, HttpProtocol, ServerState
+from fastcount.server.protocol import MAX_PENDING_ANSWERS, ConnectionLimits, HttpProtocol, ServerState
 from fastcount.server.responses import Response, json_response
 from fastcount.server.routing import Route, Router
 
@@ -217,3 +221,235 @@ def test_slow_request_gets_408_after_the_read_timeout() -> None:
     protocol.on_tick()
     assert responses(transport.written)[0][0] == 408
     assert transport.closed
+
+
+def cuts(stream: bytes, *at: int) -> list[bytes]:
+    """The stream cut at the given offsets."""
+    bounds = [0, *at, len(stream)]
+    return [stream[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def connect_with(limits: ConnectionLimits, *routes: Route) -> tuple[HttpProtocol, FakeTransport]:
+    router = Router([Route(b"POST", b"/echo", echo), Route(b"GET", b"/echo", echo), *routes])
+    protocol = HttpProtocol(ServerState(router, limits, WorkerStats()))
+    transport = FakeTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol, transport
+
+
+DEFAULT_LIMITS = ConnectionLimits(max_body=65536, max_header_bytes=8192, keepalive_ticks=5, read_ticks=10)
+
+
+def test_two_hundred_pipelined_increments_in_one_write_all_get_answers() -> None:
+    # The reported bug: 141 answers, then a false 431, because whole earlier slices were counted as header bytes.
+    body = b'{"key": "page:home", "value": 1}'
+    one = b"POST /echo HTTP/1.1\r\nHost: localhost:3333\r\nAccept: */*\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    assert 100 <= len(one) <= 120
+    protocol, transport = connect_with(DEFAULT_LIMITS)
+    feed(protocol, one * 200)
+    assert [status for status, _ in responses(transport.written)] == [200] * 200
+    assert not transport.closed
+
+
+def test_large_body_then_a_request_whose_headers_are_cut_between_reads_is_not_a_431() -> None:
+    big = post(b"b" * 7000)
+    late = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 1500 + b"\r\n\r\n"
+    stream = big + late
+    for cut in range(len(big) - 5, len(stream), 37):
+        protocol, transport = connect_with(DEFAULT_LIMITS)
+        feed(protocol, *cuts(stream, cut))
+        assert [status for status, _ in responses(transport.written)] == [200, 200], f"cut={cut}"
+
+
+def test_head_at_the_limit_passes_on_every_two_way_cut_of_a_pipelined_stream() -> None:
+    base = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Pad: \r\n\r\n"
+    fits = base.replace(b"X-Pad: ", b"X-Pad: " + b"p" * (MAX_HEADER - len(base)))
+    too_big = fits.replace(b"X-Pad: ", b"X-Pad: p")
+    stream = post(b"x" * 600) + fits + post(b"y")
+    for cut in range(len(stream)):
+        protocol, transport = connect()
+        feed(protocol, *cuts(stream, cut))
+        assert [status for status, _ in responses(transport.written)] == [200, 200, 200], f"cut={cut}"
+    stream = post(b"x" * 600) + too_big + post(b"y")
+    for cut in range(0, len(stream), 7):
+        protocol, transport = connect()
+        feed(protocol, *cuts(stream, cut))
+        assert [status for status, _ in responses(transport.written)] == [200, 431], f"cut={cut}"
+        assert transport.closed
+
+
+UPGRADE_POST = (
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\nhello"
+)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 40, 1000])
+def test_upgrade_request_is_answered_as_a_plain_one_with_its_body_and_what_follows(cut: int) -> None:
+    stream = (
+        post(b"before") + UPGRADE_POST + b"GET /echo?after HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n" + post(b"z")
+    )
+    protocol, transport = connect()
+    feed(protocol, *[stream[i : i + cut] for i in range(0, len(stream), cut)])
+    assert responses(transport.written) == [
+        (200, b'{"path":"/echo","query":"","body":"before"}'),
+        (200, b'{"path":"/echo","query":"","body":"hello"}'),
+        (200, b'{"path":"/echo","query":"after","body":""}'),
+        (200, b'{"path":"/echo","query":"","body":"z"}'),
+    ]
+    assert not transport.closed
+
+
+def test_upgrade_with_a_chunked_body_and_connection_close() -> None:
+    protocol, transport = connect()
+    feed(
+        protocol,
+        b"GET /echo HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nConnection: Upgrade, close\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n" + post(b"ignored"),
+    )
+    assert responses(transport.written) == [
+        (200, b'{"path":"/echo","query":"","body":""}'),
+        (200, b'{"path":"/echo","query":"","body":"abc"}'),
+    ]
+    assert b"Connection: close\r\n" in transport.written and transport.closed
+
+
+def chunked_with_trailer(trailer_value: bytes) -> bytes:
+    return (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: "
+        + trailer_value
+        + b"\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize("cut", [1, 100, 100_000])
+def test_chunked_trailers_are_limited_like_headers(cut: int) -> None:
+    small = chunked_with_trailer(b"t" * 100)
+    protocol, transport = connect()
+    feed(protocol, *[small[i : i + cut] for i in range(0, len(small), cut)])
+    assert responses(transport.written) == [(200, b'{"path":"/echo","query":"","body":"abc"}')]
+    huge = chunked_with_trailer(b"t" * (MAX_HEADER * 4))
+    protocol, transport = connect()
+    feed(protocol, *[huge[i : i + cut] for i in range(0, len(huge), cut)])
+    assert [status for status, _ in responses(transport.written)] == [431]
+    assert transport.closed
+
+
+def test_endless_trailer_is_cut_off_without_reading_it_all() -> None:
+    protocol, transport = connect()
+    feed(protocol, b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: ")
+    for _ in range(10):
+        feed(protocol, b"z" * 500)
+    assert [status for status, _ in responses(transport.written)] == [431]
+    assert transport.closed
+
+
+def test_chunked_body_over_the_limit_gets_413() -> None:
+    chunk = b"c" * 1000
+    protocol, transport = connect()
+    feed(protocol, b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(3):
+        feed(protocol, b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    feed(protocol, b"0\r\n\r\n")
+    assert [status for status, _ in responses(transport.written)] == [413]
+    assert transport.closed
+
+
+def test_route_gets_only_the_headers_it_asked_for() -> None:
+    seen: list[dict[bytes, bytes]] = []
+
+    def tagged(path: bytes, query: bytes, body: bytes, headers: dict[bytes, bytes]) -> Response:
+        seen.append(headers)
+        return json_response(200, {})
+
+    protocol, transport = connect_with(DEFAULT_LIMITS, Route(b"GET", b"/tagged", tagged, headers=(b"x-tag",)))
+    feed(
+        protocol,
+        b"GET /tagged HTTP/1.1\r\nX-Tag: a\r\nX-Other: b\r\nx-tag: c\r\n\r\n"
+        b"GET /tagged HTTP/1.1\r\n\r\nGET /echo HTTP/1.1\r\nX-Tag: d\r\n\r\nGET /tagged HTTP/1.1\r\nX-TAG: e\r\n\r\n",
+    )
+    assert [status for status, _ in responses(transport.written)] == [200, 200, 200, 200]
+    assert seen == [{b"x-tag": b"a, c"}, {}, {b"x-tag": b"e"}]
+
+
+def test_route_cannot_ask_for_framing_headers() -> None:
+    with pytest.raises(ValueError, match="content-length"):
+        Router([Route(b"GET", b"/x", echo, headers=(b"content-length",))])
+
+
+class RecordingTransport(FakeTransport):
+    """Calls the protocol's pause_writing once more than `high_water` bytes are buffered (nobody reads them)."""
+
+    def __init__(self, protocol: HttpProtocol, high_water: int) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.high_water = high_water
+        self.pauses = 0
+        self.writing_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.written) > self.high_water and not self.writing_paused:
+            self.writing_paused = True
+            self.protocol.pause_writing()
+
+    def pause_reading(self) -> None:
+        super().pause_reading()
+        self.pauses += 1
+
+    def drain(self) -> bytes:
+        data, self.written = self.written, b""
+        if self.writing_paused:
+            self.writing_paused = False
+            self.protocol.resume_writing()
+        return data
+
+
+def test_client_that_does_not_read_makes_the_server_pause_reading_and_hold_its_input() -> None:
+    router = Router([Route(b"GET", b"/echo", echo)])
+    protocol = HttpProtocol(ServerState(router, DEFAULT_LIMITS, WorkerStats()))
+    transport = RecordingTransport(protocol, high_water=16_384)
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    request = b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n"
+    total = 20_000
+    protocol.data_received(request * total)  # one huge read: 640 KB of requests
+    assert transport.pauses == 1 and transport.paused
+    # Parsing stopped soon after the write buffer filled: at most a slice of requests past the high-water mark.
+    answered = len(responses(transport.written))
+    assert answered < total // 10
+    received = transport.drain()
+    while transport.written:
+        received += transport.drain()
+    assert not transport.paused
+    assert [status for status, _ in responses(received)] == [200] * total
+
+
+def test_thousands_of_pipelined_async_reads_queue_bounded_work_and_answer_in_order() -> None:
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def slow_read(path: bytes, query: bytes, body: bytes) -> Response:
+        started.append(int(query))
+        await release.wait()
+        return json_response(200, {"n": int(query)})
+
+    async def scenario() -> tuple[FakeTransport, int, bool]:
+        router = Router([Route(b"GET", b"/slow", slow_read)])
+        protocol = HttpProtocol(ServerState(router, DEFAULT_LIMITS, WorkerStats()))
+        transport = FakeTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(b"".join(b"GET /slow?%d HTTP/1.1\r\n\r\n" % n for n in range(5000)))
+        await asyncio.sleep(0)
+        queued, paused = len(started), transport.paused
+        release.set()
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(responses(transport.written)) < 5000 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)
+        return transport, queued, paused
+
+    transport, queued, paused = asyncio.run(scenario())
+    assert paused
+    assert MAX_PENDING_ANSWERS <= queued <= MAX_PENDING_ANSWERS + 4096 // len(b"GET /slow?0 HTTP/1.1\r\n\r\n")
+    assert [body for _, body in responses(transport.written)] == [b'{"n":%d}' % n for n in range(5000)]
+    assert not transport.paused and not transport.closed

@@ -1,13 +1,19 @@
-"""The HTTP/1.1 connection: an asyncio.Protocol driven by httptools parser callbacks.
+"""The HTTP/1.1 connection: an asyncio.Protocol driven by one httptools parser's callbacks.
 
 It owns keep-alive, pipelining (responses leave in request order, one write per batch of pipelined requests), the
 size limits, flow control and the idle and read timeouts. It knows routes only as handlers; what they count is not
 its business.
 
 Rules it keeps:
-1. Every request gets exactly one final response, in the order the requests arrived.
+1. Every request gets exactly one final response, in the order the requests arrived; nothing is handled (counted)
+   that is not answered, and how the bytes are cut into reads changes no answer.
 2. After a response that says `Connection: close`, nothing more is read or answered on that connection.
-3. No timer per request: the worker's one-second tick calls `on_tick`, which enforces both timeouts (to within
+3. The head of a message (request line and headers, and separately its chunked trailers) is measured from the
+   parser's callbacks, each header as `name: value` plus CRLF, and must fit in --max-header-bytes (431); a body
+   must fit in --max-body (413, from Content-Length before the body arrives).
+4. One read queues bounded work: while too many answers are pending (unfinished handlers, or a transport whose
+   buffer is full), the unparsed rest of the read is kept, reading pauses, and parsing resumes in order.
+5. No timer per request: the worker's one-second tick calls `on_tick`, which enforces both timeouts (to within
    a second) from counts the request path keeps anyway.
 """
 
@@ -31,15 +37,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WATCHED_HEADER_LENGTHS = frozenset({len(b"content-length"), len(b"expect")})
-MAX_QUEUED_RESPONSES = 64  # pipelined requests waiting behind a slow (async) one before we stop reading
+MAX_PENDING_ANSWERS = 64  # unfinished (async) answers at which we stop parsing and reading
+FEED_SLICE = 4096  # a larger read is parsed this much at a time, so rule 4 is checked between slices
+# "<method> <target> HTTP/1.1\r\n" without method and target, plus the blank line that ends the head.
+REQUEST_LINE_OVERHEAD = 14
+MAX_METHOD_LENGTH = 24  # longer than any method llhttp knows; the method is measured only near the limit
 
 BAD_REQUEST = constant_error(400, "malformed HTTP request")
 BODY_TOO_LARGE = constant_error(413, "request body too large")
 HEADERS_TOO_LARGE = constant_error(431, "request header section too large")
 REQUEST_TIMEOUT = constant_error(408, "request not received in time")
 INTERNAL_ERROR = constant_error(500, "internal error")
-UPGRADE_REFUSED = constant_error(400, "protocol upgrade is not supported")
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class ConnectionLimits:
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("connections", "limits", "renderer", "router", "stats", "stopping")
+    __slots__ = ("connections", "limits", "renderer", "router", "stats", "stopping", "watched_header_lengths")
 
     def __init__(self, router: Router, limits: ConnectionLimits, stats: WorkerStats) -> None:
         self.router = router
@@ -63,6 +71,9 @@ class ServerState:
         self.stats = stats
         self.connections: set[HttpProtocol] = set()
         self.stopping = False
+        # Header names the protocol looks at; a name of another length is only measured, never lower-cased.
+        watched = {b"content-length", b"transfer-encoding", b"expect", b"upgrade", *router.wanted_headers}
+        self.watched_header_lengths = frozenset(len(name) for name in watched)
 
 
 class RequestRejected(Exception):
@@ -73,40 +84,28 @@ class RequestRejected(Exception):
         self.response = response
 
 
-class _LeanCallbacks:
-    """The parser callbacks minus on_header. httptools builds header name and value objects and calls into Python
-    once per header only when on_header exists; leaving it out saves about a microsecond per request (measured)."""
-
-    __slots__ = ("on_body", "on_headers_complete", "on_message_begin", "on_message_complete", "on_url")
-
-    def __init__(self, protocol: HttpProtocol) -> None:
-        self.on_message_begin = protocol.on_message_begin
-        self.on_url = protocol.on_url
-        self.on_headers_complete = protocol.on_headers_complete
-        self.on_body = protocol.on_body
-        self.on_message_complete = protocol.on_message_complete
-
-
 class HttpProtocol(asyncio.Protocol):
     """One client connection.
 
-    Header handling without per-header callbacks: input is parsed in slices of at most --max-header-bytes, and a
-    message that starts at a slice boundary with no `100-` in the slice goes to the lean parser (no on_header). A
-    header section that completes inside the slice it began in is therefore within the limit; one that runs past its
-    slice is measured from the raw bytes (`_count_unfinished_headers`). Slices that may carry `Expect: 100-continue`
-    go to the full parser, which sees each header.
+    One parser sees every byte. Sizes come from its callbacks: `on_url` and `on_header` add up the head exactly as
+    rule 3 says, whatever the reads. The one thing callbacks do not show is a header line still being received; a
+    read that produces no callback at all lies wholly inside such a line (httptools buffers it), so those reads are
+    added as they come (`unseen_head_bytes`) and a header line that never ends is cut off at the limit too.
     """
 
     __slots__ = (
         # per connection
         "state",
         "transport",
-        "lean_parser",
-        "full_parser",
         "parser",
+        "max_head_bytes",
+        "max_body",
+        "watched_header_lengths",
         "out",
         "queue",
+        "unparsed",
         "closing",
+        "eof",
         "reading_paused",
         "writing_paused",
         "quiet_ticks",
@@ -120,24 +119,31 @@ class HttpProtocol(asyncio.Protocol):
         "url",
         "body",
         "body_size",
+        "head_bytes",
+        "unseen_head_bytes",
         "headers_done",
-        "unfinished_header_bytes",
-        "header_tail",
-        "current_slice",
         "content_length",
         "expect_continue",
+        "transfer_encoding",
+        "upgrade_requested",
+        "replay_head",
+        "replaying",
+        "request_headers",
     )
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.transport: asyncio.Transport | None = None
-        self.lean_parser = httptools.HttpRequestParser(_LeanCallbacks(self))
-        self.full_parser = httptools.HttpRequestParser(self)
-        self.parser = self.lean_parser  # the one the current message is fed to
+        self.parser = httptools.HttpRequestParser(self)
+        self.max_head_bytes = state.limits.max_header_bytes
+        self.max_body = state.limits.max_body
+        self.watched_header_lengths = state.watched_header_lengths
         self.out: list[bytes] = []  # responses to write when the current data_received returns
-        # [bytes | Task, keep_alive, http10] entries waiting behind an unfinished (async) response
+        # [bytes | Task, keep_alive, http10, route] entries waiting behind an unfinished (async) response
         self.queue: deque[list[object]] | None = None
+        self.unparsed: bytes | memoryview | None = None  # received, held back from the parser by rule 4
         self.closing = False
+        self.eof = False  # the client half-closed while answers were still due
         self.reading_paused = False
         self.writing_paused = False
         self.quiet_ticks = 0  # ticks in a row with no byte received
@@ -150,12 +156,16 @@ class HttpProtocol(asyncio.Protocol):
         self.url: bytes | None = None
         self.body: bytes | None = None
         self.body_size = 0
+        self.head_bytes = 0  # of the head being received: request line and headers, then trailers (rule 3)
+        self.unseen_head_bytes = 0  # bytes of reads that produced no callback, inside a header line (see above)
         self.headers_done = False
-        self.unfinished_header_bytes = 0  # of a header section that ran past the slice it began in
-        self.header_tail = b""  # the last bytes of the previous slice, while such a section is open
-        self.current_slice = b""
-        self.content_length = -1  # seen by the full parser only
+        self.content_length = -1
         self.expect_continue = False
+        self.transfer_encoding: bytes | None = None
+        self.upgrade_requested = False
+        self.replay_head: bytes | None = None  # a request llhttp took for an upgrade, rebuilt as a plain one
+        self.replaying = False
+        self.request_headers: dict[bytes, bytes] | None = None  # the ones some route wants, lower-case names
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------------
 
@@ -173,16 +183,16 @@ class HttpProtocol(asyncio.Protocol):
         self.state.stats.connections_closed += 1
         self.publish_counts()
         self.closing = True
+        self.unparsed = None
         if self.queue:
             for entry in self.queue:
-                if isinstance(entry[0], asyncio.Task):
+                if isinstance(entry[0], asyncio.Future):
                     entry[0].cancel()
         self.queue = None
 
     def eof_received(self) -> bool | None:
-        if self.queue:  # half-closed with answers still coming: send them, then close
-            self.closing = True
-            self.queue.append([b"", False, False])
+        if self.queue or self.unparsed is not None:  # half-closed with answers still due: send them, then close
+            self.eof = True
             return True
         return None
 
@@ -192,7 +202,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self._update_reading()
+        self._resume_parsing()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -201,22 +211,14 @@ class HttpProtocol(asyncio.Protocol):
         sampled = not self.requests & 15  # time one read in 16 or so: the clock is not free
         if sampled:
             started = perf_counter()
-        if not self.in_message and len(data) <= self.state.limits.max_header_bytes and b"100-" not in data:
-            # The common case, inline: whole requests in one read, lean parser.
-            self.parser = parser = self.lean_parser
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserError as error:
-                self._parse_failed(error)
+        try:
+            if len(data) <= FEED_SLICE and self.unparsed is None:
+                self._feed(data)  # the common case: whole requests in one small read
             else:
-                if self.in_message and not self.headers_done:
-                    self._count_unfinished_headers(data, True)
-        else:
-            step = self.state.limits.max_header_bytes
-            for start in range(0, len(data), step):
-                if self.closing:
-                    break
-                self._feed_slice(data[start : start + step] if len(data) > step else data)
+                self._feed_sliced(data)
+        except Exception:  # a bug of ours: answer what was handled, then give up on this connection (rule 1)
+            log.exception("event=protocol_error")
+            self._answer(INTERNAL_ERROR, False)
         out = self.out
         if out:
             if len(out) == 1 and not self.closing:  # the common case: one request in, one response out
@@ -228,45 +230,95 @@ class HttpProtocol(asyncio.Protocol):
         if sampled:
             self.state.stats.request_seconds.observe(perf_counter() - started)
 
-    def _feed_slice(self, data: bytes) -> None:
-        began_here = not self.in_message
-        if began_here:
-            self.parser = self.full_parser if b"100-" in data else self.lean_parser
-        elif self.unfinished_header_bytes and b"100-" in data and self.parser is self.lean_parser:
-            self.expect_continue = True  # an Expect header in a continuation of a lean message (approximate)
-        if self.unfinished_header_bytes:
-            self.current_slice = data  # on_headers_complete measures the rest of the header section in it
+    # -- feeding the parser -----------------------------------------------------------------------------------------
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        """Parse one slice of input; afterwards, bound a header line that is still being received (rule 3)."""
+        continuing = self.in_message
+        if continuing:  # what the callbacks will have changed if they run at all
+            mark = self.requests, self.head_bytes + self.body_size
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            upgrade_at: int = upgrade.args[0]
         except httptools.HttpParserError as error:
             self._parse_failed(error)
             return
-        if self.in_message and not self.headers_done:
-            self._count_unfinished_headers(data, began_here)
-
-    def _count_unfinished_headers(self, data: bytes, began_here: bool) -> None:
-        """A header section is still open after this slice: add what arrived of it and enforce the limit.
-
-        In the slice where the message began, it is what follows the previous header section's end (exact unless the
-        previous request had a body, which is then counted too); in later slices, all of it.
-        """
-        if began_here and not self.unfinished_header_bytes:
-            previous_end = data.rfind(b"\r\n\r\n")
-            self.unfinished_header_bytes = len(data) - (previous_end + 4 if previous_end != -1 else 0)
         else:
-            self.unfinished_header_bytes += len(data)
-        self.header_tail = data[-3:]
-        if self.unfinished_header_bytes > self.state.limits.max_header_bytes:
-            self._answer(HEADERS_TOO_LARGE, False)
+            upgrade_at = -1
+        if upgrade_at >= 0:  # outside the except clause: errors of the rest must not be chained to the upgrade
+            self._upgraded(data, upgrade_at)
+            return
+        if self.in_message and not self.closing:
+            if continuing and mark == (self.requests, self.head_bytes + self.body_size):
+                self.unseen_head_bytes += len(data)  # no callback: all of it inside one header line
+            else:
+                self.unseen_head_bytes = 0
+            if self.head_bytes + self.unseen_head_bytes > self.max_head_bytes:
+                self._answer(HEADERS_TOO_LARGE, False)
+
+    def _feed_sliced(self, data: bytes | memoryview) -> None:
+        """A large read, or one that arrived behind held-back input: parse it slice by slice while rule 4 allows."""
+        if self.unparsed is not None:
+            self.unparsed = bytes(self.unparsed) + bytes(data)  # keep the order; reading is paused, so rarely
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), FEED_SLICE):
+            if self.closing:
+                return
+            if self._too_much_pending():
+                self.unparsed = view[start:]
+                self._update_reading()
+                return
+            self._feed(view[start : start + FEED_SLICE])
+            if self.out:  # write per slice, so a transport whose buffer fills can tell us before the next one
+                self._write_out()
+
+    def _too_much_pending(self) -> bool:
+        return self.writing_paused or (self.queue is not None and len(self.queue) >= MAX_PENDING_ANSWERS)
+
+    def _resume_parsing(self) -> None:
+        """Answers went out: parse what was held back (it may be held again), then read again if rule 4 allows."""
+        if self.unparsed is not None and not self._too_much_pending() and not self.closing:
+            rest, self.unparsed = self.unparsed, None
+            try:
+                self._feed_sliced(rest)
+            except Exception:
+                log.exception("event=protocol_error")
+                self._answer(INTERNAL_ERROR, False)
+            self._write_out()
+        if self.eof and not self.queue and self.unparsed is None and self.transport is not None:
+            self.closing = True
+            self.transport.close()
+            return
+        self._update_reading()
 
     def _parse_failed(self, error: httptools.HttpParserError) -> None:
         if isinstance(error, httptools.HttpParserCallbackError):
             rejected = error.__context__
             self._answer(rejected.response if isinstance(rejected, RequestRejected) else BAD_REQUEST, False)
-        elif isinstance(error, httptools.HttpParserUpgrade):
-            self._answer(UPGRADE_REFUSED, False)
         elif not self.closing:  # data after a `Connection: close` request is the client's problem, not a 400
             self._answer(BAD_REQUEST, False)
+
+    def _upgraded(self, data: bytes | memoryview, offset: int) -> None:
+        """llhttp stopped after a request it takes for a protocol switch (Upgrade with `Connection: upgrade`, or
+        CONNECT) and left the rest unparsed, the body of an Upgrade request included. We switch to nothing: a fresh
+        parser goes on with the rest, and an Upgrade request is first replayed to it as a plain request (its line,
+        framing and connection headers; the route's headers were already collected), so that its body is read and
+        the request answered like any other."""
+        self.parser = httptools.HttpRequestParser(self)
+        head, self.replay_head = self.replay_head, None
+        if head is not None and not self.closing:
+            self.replaying = True
+            try:
+                self.parser.feed_data(head)
+            except httptools.HttpParserError as error:
+                self._parse_failed(error)
+                return
+            finally:
+                self.replaying = False
+        if not self.closing and offset < len(data):
+            self._feed(data[offset:])
 
     # -- httptools callbacks ----------------------------------------------------------------------------------------
 
@@ -276,63 +328,103 @@ class HttpProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         if self.url is None:
             self.url = url
-        else:
+            self.head_bytes = len(url) + REQUEST_LINE_OVERHEAD
+        else:  # the target arrived in pieces; the end-of-read check bounds it
             self.url += url
+            self.head_bytes += len(url)
 
-    def on_header(self, name: bytes, value: bytes) -> None:  # the full parser only
-        if len(name) in WATCHED_HEADER_LENGTHS:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name_length = len(name)
+        head_bytes = self.head_bytes + name_length + len(value) + 4  # ": " and CRLF
+        if head_bytes > self.max_head_bytes:
+            raise RequestRejected(HEADERS_TOO_LARGE)
+        self.head_bytes = head_bytes
+        if name_length in self.watched_header_lengths and not self.headers_done:  # trailers frame nothing
             name = name.lower()
-            if name == b"content-length":
+            if name == b"content-length":  # llhttp has checked it is a number
                 self.content_length = int(value)
-            elif name == b"expect":
-                self.expect_continue = value.lower() == b"100-continue"
+            else:
+                self._other_header(name, value)
+
+    def _other_header(self, name: bytes, value: bytes) -> None:
+        if name == b"expect":
+            self.expect_continue = value.lower() == b"100-continue"
+        elif name == b"upgrade":
+            self.upgrade_requested = True
+        elif name == b"transfer-encoding":
+            self.transfer_encoding = value
+        if name in self.state.router.wanted_headers:
+            headers = self.request_headers
+            if headers is None:
+                self.request_headers = {name: value}
+            else:  # a repeated header is one comma-separated list (RFC 9110, 5.3)
+                headers[name] = headers[name] + b", " + value if name in headers else value
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
-        if self.unfinished_header_bytes:
-            self._finish_header_count()
-        if self.content_length != -1:
-            if self.content_length > self.state.limits.max_body:
-                raise RequestRejected(BODY_TOO_LARGE)
-            self.content_length = -1
+        head_bytes = self.head_bytes
+        if (
+            head_bytes + MAX_METHOD_LENGTH > self.max_head_bytes  # the exact measure only near the limit
+            and not self.replaying
+            and head_bytes + len(self.parser.get_method()) > self.max_head_bytes
+        ):
+            raise RequestRejected(HEADERS_TOO_LARGE)
+        self.head_bytes = 0  # from here on it measures the trailers of a chunked body
+        if self.content_length > self.max_body:
+            raise RequestRejected(BODY_TOO_LARGE)
         if self.expect_continue:
             self.expect_continue = False
             if self.parser.get_http_version() != "1.0":
                 self._answer_interim(CONTINUE)
+        if self.upgrade_requested and self.parser.should_upgrade():
+            self.replay_head = self._plain_head()
 
-    def _finish_header_count(self) -> None:
-        # The slice being parsed holds the rest of a header section that began in an earlier slice: up to its first
-        # blank line, looked for together with the previous slice's last bytes in case the terminator was split.
-        tail, rest = self.header_tail, self.current_slice
-        end = (tail + rest).find(b"\r\n\r\n")
-        in_this_slice = end + 4 - len(tail) if end != -1 else len(rest)
-        total = self.unfinished_header_bytes + in_this_slice
-        self.unfinished_header_bytes = 0
-        self.header_tail = self.current_slice = b""
-        if total > self.state.limits.max_header_bytes:
-            raise RequestRejected(HEADERS_TOO_LARGE)
+    def _plain_head(self) -> bytes:
+        """The head of the current request as a request with no upgrade in it (see `_upgraded`)."""
+        parser = self.parser
+        version = parser.get_http_version().encode()
+        lines = [parser.get_method(), b" ", self.url or b"/", b" HTTP/", version, b"\r\n"]
+        if self.transfer_encoding is not None:
+            lines.append(b"Transfer-Encoding: " + self.transfer_encoding + b"\r\n")
+        elif self.content_length > 0:
+            lines.append(b"Content-Length: %d\r\n" % self.content_length)
+        if not parser.should_keep_alive():
+            lines.append(b"Connection: close\r\n")
+        elif version == b"1.0":
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        self.url = None  # the replay brings it back
+        self.content_length = -1
+        self.transfer_encoding = None
+        self.upgrade_requested = False
+        return b"".join(lines)
 
     def on_body(self, chunk: bytes) -> None:
         size = self.body_size + len(chunk)
-        if size > self.state.limits.max_body:
+        if size > self.max_body:
             raise RequestRejected(BODY_TOO_LARGE)
         self.body_size = size
         self.body = chunk if self.body is None else self.body + chunk
 
     def on_message_complete(self) -> None:
         # The hot path: written flat, because every call and attribute here is paid on every request.
-        if self.closing:
+        if self.closing or self.replay_head is not None:  # closing, or a request to replay (see `_upgraded`)
             return
         state = self.state
         url = self.url or b"/"
         body = self.body or b""
-        # Per-request state resets here, in one place (content_length and expect_continue reset where they are used).
+        request_headers = self.request_headers
+        # Per-request state resets here, in one place (expect_continue and head_bytes reset where they are used).
         self.in_message = False
         self.url = None
         if self.body is not None:
             self.body = None
             self.body_size = 0
         self.headers_done = False
+        self.content_length = -1
+        if request_headers is not None or self.upgrade_requested or self.transfer_encoding is not None:
+            self.request_headers = self.transfer_encoding = None
+            self.upgrade_requested = False
         self.requests += 1
         keep_alive = self.parser.should_keep_alive() and not state.stopping
         http10 = self.http10
@@ -351,7 +443,10 @@ class HttpProtocol(asyncio.Protocol):
         else:
             path, query = url, b""
         try:
-            result = route.handler(path, query, body)
+            if route.headers:
+                result = route.handler(path, query, body, _headers_for(route, request_headers))
+            else:
+                result = route.handler(path, query, body)
         except Exception:
             log.exception("event=handler_error path=%r", path)
             result = INTERNAL_ERROR
@@ -384,6 +479,8 @@ class HttpProtocol(asyncio.Protocol):
     def _answer(
         self, response: Response, keep_alive: bool, http10_keep_alive: bool = False, route: RouteState | None = None
     ) -> None:
+        if self.closing:  # rule 2: the answer that closed the connection was the last one
+            return
         data = self._render(response, keep_alive, http10_keep_alive, route or self.state.router.invalid)
         if self.queue:
             self.queue.append([data, keep_alive, False])
@@ -391,6 +488,7 @@ class HttpProtocol(asyncio.Protocol):
             self.out.append(data)
         if not keep_alive:
             self.closing = True
+            self.unparsed = None
 
     def _answer_interim(self, data: bytes) -> None:
         if self.queue:
@@ -421,7 +519,7 @@ class HttpProtocol(asyncio.Protocol):
             item = entry[0]
             if isinstance(item, asyncio.Future):
                 if not item.done():
-                    break
+                    return
                 try:
                     response = item.result()
                 except Exception:
@@ -438,7 +536,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.close()
                 self.queue = None
                 return
-        self._update_reading()
+        self.queue = None  # back to the direct path: nothing is waiting
+        self._resume_parsing()
 
     def _write_out(self) -> None:
         out = self.out
@@ -457,7 +556,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        should_pause = self.writing_paused or (self.queue is not None and len(self.queue) >= MAX_QUEUED_RESPONSES)
+        should_pause = self.unparsed is not None or self._too_much_pending()
         if should_pause and not self.reading_paused:
             self.reading_paused = True
             transport.pause_reading()
@@ -478,7 +577,9 @@ class HttpProtocol(asyncio.Protocol):
     def on_tick(self) -> None:
         """Enforce timeouts; while the worker stops, close connections that have gone quiet."""
         self.quiet_ticks = 0 if self.bytes_in else self.quiet_ticks + 1
-        self.stalled_ticks = self.stalled_ticks + 1 if self.in_message and not self.requests else 0
+        # Input we hold back (rule 4) is our delay, not the client's: it does not count towards the read timeout.
+        stalled = self.in_message and not self.requests and self.unparsed is None
+        self.stalled_ticks = self.stalled_ticks + 1 if stalled else 0
         self.publish_counts()
         if self.closing or self.transport is None:
             return
@@ -488,10 +589,17 @@ class HttpProtocol(asyncio.Protocol):
                 self._answer(REQUEST_TIMEOUT, False)
                 self._write_out()
             return
-        if self.queue:
+        if self.queue or self.unparsed is not None:
             return
         # While stopping, a client that sent nothing for a whole tick (a second) is not mid-request: closing it
         # cannot cut a request in flight the way closing a connection that just got its answer could.
         if self.quiet_ticks >= limits.keepalive_ticks or (self.state.stopping and self.quiet_ticks >= 1):
             self.closing = True
             self.transport.close()
+
+
+def _headers_for(route: RouteState, received: dict[bytes, bytes] | None) -> dict[bytes, bytes]:
+    """The headers a route asked for, of those the request carried."""
+    if not received:
+        return {}
+    return {name: received[name] for name in route.headers if name in received}

@@ -1,8 +1,10 @@
 """Routes: how a feature tells the server which handler answers a method and path.
 
 A handler takes (path, query, body) as bytes and returns a Response, or an awaitable of one when it must wait (a
-database read). The router resolves a request target to a RouteState (the handler plus its answer counts and cached
-answer bytes) or to a ready 404/405 response; it knows nothing of what the handlers do.
+database read). A route that names request headers (`headers=(b"x-id",)`, lower-case) is called with a fourth
+argument, a dict of those it received; the protocol collects only names some route asked for. The router resolves
+a request target to a RouteState (the handler plus its answer counts and cached answer bytes) or to a ready 404/405
+response; it knows nothing of what the handlers do.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from fastcount.server.responses import Response, constant_error
 
 HandlerResult = Response | Awaitable[Response]
 Handler = Callable[[bytes, bytes, bytes], HandlerResult]
+HeadersHandler = Callable[[bytes, bytes, bytes, dict[bytes, bytes]], HandlerResult]
+# Headers that frame the message belong to the protocol; a route cannot ask for them.
+FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 
 
 @dataclass(frozen=True)
 class Route:
     method: bytes
     path: bytes
-    handler: Handler
+    handler: Handler | HeadersHandler
     prefix: bool = False  # match every path that starts with `path`
     name: str = ""  # the `route` label of metrics; default "METHOD path"
+    headers: tuple[bytes, ...] = ()  # lower-case names of request headers the handler is given, as a 4th argument
 
 
 def _no_handler(path: bytes, query: bytes, body: bytes) -> Response:
@@ -35,11 +41,14 @@ class RouteState:
     """A route as the protocol uses it: its handler, its answers counted by status, and the bytes of its constant
     answers for the current second (entries are [bytes, times served], harvested into `answers` on each tick)."""
 
-    __slots__ = ("answers", "close_cache", "handler", "keep_alive_cache", "name")
+    __slots__ = ("answers", "close_cache", "handler", "headers", "keep_alive_cache", "name")
 
-    def __init__(self, name: str, handler: Handler = _no_handler) -> None:
+    def __init__(
+        self, name: str, handler: Callable[..., HandlerResult] = _no_handler, headers: tuple[bytes, ...] = ()
+    ) -> None:
         self.name = name
         self.handler = handler
+        self.headers = headers  # empty: called with (path, query, body); else also a dict of these headers
         self.answers: dict[int, int] = {}
         self.keep_alive_cache: dict[Response, list[bytes | int]] = {}
         self.close_cache: dict[Response, list[bytes | int]] = {}
@@ -52,7 +61,7 @@ NOT_FOUND = constant_error(404, "not found")
 
 
 class Router:
-    __slots__ = ("_method_not_allowed", "_prefixes", "exact", "invalid", "routes", "unmatched")
+    __slots__ = ("_method_not_allowed", "_prefixes", "exact", "invalid", "routes", "unmatched", "wanted_headers")
 
     def __init__(self, routes: Iterable[Route]) -> None:
         self.exact: dict[bytes, dict[bytes, RouteState]] = {}
@@ -60,7 +69,12 @@ class Router:
         self.unmatched = RouteState("unmatched")  # 404 and 405
         self.invalid = RouteState("invalid")  # requests refused before routing: 400, 408, 413, 431
         self.routes: list[RouteState] = [self.unmatched, self.invalid]
+        wanted: set[bytes] = set()
         for route in routes:
+            for header in route.headers:
+                if header != header.lower() or header in FRAMING_HEADERS:
+                    raise ValueError(f"route {route.method!r} {route.path!r} cannot ask for header {header!r}")
+            wanted.update(route.headers)
             if route.prefix:
                 table = next((t for p, t in self._prefixes if p == route.path), None)
                 if table is None:
@@ -70,9 +84,12 @@ class Router:
                 table = self.exact.setdefault(route.path, {})
             if route.method in table:
                 raise ValueError(f"duplicate route {route.method!r} {route.path!r}")
-            state = RouteState(route.name or f"{route.method.decode()} {route.path.decode()}", route.handler)
+            state = RouteState(
+                route.name or f"{route.method.decode()} {route.path.decode()}", route.handler, route.headers
+            )
             table[route.method] = state
             self.routes.append(state)
+        self.wanted_headers = frozenset(wanted)  # what the protocol collects from requests: the union of the wishes
         self._prefixes.sort(key=lambda item: len(item[0]), reverse=True)  # longest prefix wins
         self._method_not_allowed: dict[int, Response] = {}
 
