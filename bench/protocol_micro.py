@@ -1,6 +1,6 @@
 """Micro-benchmark of the protocol alone: CPU per request of HttpProtocol fed in-memory bytes (no socket, no kernel).
 
-    .venv/bin/python tests/bench_protocol.py [--protocol path/to/protocol.py] [--requests 100000]
+    .venv/bin/python bench/protocol_micro.py [--protocol path/to/protocol.py] [--requests 100000]
 
 `--protocol` loads another version of protocol.py (e.g. `git show HEAD~1:fastcount/server/protocol.py > old.py`) so
 two versions are measured in one run. Modes: one request per read (what wrk does) and 100 pipelined per read.
