@@ -10,6 +10,7 @@ number of workers and instances never deadlock.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from fastcount.features.events.validation import Event
 
 DAY = 86_400
 HOUR = 3_600
+YIELD_EVERY = 1000  # rows of Python work in a flush between two chances for the worker to answer requests
 PARTITION_LOCK = 0x65766E74  # "evnt": serialises creating and dropping partitions
 
 SCHEMA = [
@@ -170,8 +172,10 @@ async def write_batch(
     cursor = conn.cursor()
     async with cursor.copy(COPY_STAGING) as copy:
         copy.set_types(STAGING_TYPES)
-        for identity, event in batch.items():
+        for count, (identity, event) in enumerate(batch.items(), 1):
             await copy.write_row(staging_row(identity, event))
+            if not count % YIELD_EVERY:
+                await asyncio.sleep(0)  # a large batch must not hold the worker's requests for its whole length
     await cursor.execute(INSERT_EVENTS)
     inserted = [batch[bytes(row[0])] for row in await cursor.fetchall()]
     written.inserted = len(inserted)
@@ -179,7 +183,9 @@ async def write_batch(
         return written
 
     buckets: dict[tuple[str, int, str], tuple[list[int], set[str]]] = {}
-    for event in inserted:
+    for count, event in enumerate(inserted, 1):
+        if not count % YIELD_EVERY:
+            await asyncio.sleep(0)
         key = (event["event_name"], event["timestamp"] // HOUR * HOUR, event["channel"])
         bucket = buckets.get(key)
         if bucket is None:
@@ -193,7 +199,9 @@ async def write_batch(
     totals = [buckets[k][0][0] for k in keys]
     await cursor.execute(UPSERT_ROLLUP_COUNTS, (names, hours, channels, totals), binary=True)
     widened: list[tuple[str, int, str, bytes]] = []
-    for name, hour, channel, stored in await cursor.fetchall():
+    for count, (name, hour, channel, stored) in enumerate(await cursor.fetchall(), 1):
+        if not count % (YIELD_EVERY // 10):
+            await asyncio.sleep(0)
         bitmap = BitMap.deserialize(bytes(stored)) if stored else BitMap()
         added = BitMap(numbers[user] for user in buckets[(name, hour, channel)][1])
         if not added.issubset(bitmap):
