@@ -77,9 +77,12 @@ SCHEMA = [
     BEGIN
         IF to_regclass(name) IS NULL THEN
             PERFORM pg_advisory_xact_lock({PARTITION_LOCK});
-            IF to_regclass(name) IS NULL THEN
+            -- Another transaction may have created it since this one's catalog snapshot: that is success too.
+            BEGIN
                 EXECUTE format('CREATE TABLE %I PARTITION OF events FOR VALUES FROM (%L) TO (%L)', name, day, day + 1);
-            END IF;
+            EXCEPTION WHEN duplicate_table THEN
+                NULL;
+            END;
         END IF;
     END
     $$
