@@ -14,6 +14,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
+from fastcount.features.events import EventsFeature
 from fastcount.features.health import Health
 from fastcount.features.increment import IncrementFeature
 from fastcount.observability.stats import WorkerStats
@@ -28,6 +29,7 @@ APPLICATION = "fastcount.app:WorkerApp"  # what the master tells workers to load
 
 FEATURES: list[type[Feature]] = [
     IncrementFeature,
+    EventsFeature,
 ]
 
 

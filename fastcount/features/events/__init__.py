@@ -1,0 +1,298 @@
+"""POST /events and GET /metrics: accept analytics events into this worker's pending set (journaled first), write
+them on flush with database-side deduplication and rollups, and answer exact totals and unique users from rollups.
+
+The request path never waits on PostgreSQL; the pending set is bounded (503 + Retry-After past --events-max-pending).
+Rules live in validation.py, tables and the flush in store.py, the query in query.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+
+from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
+from fastcount.features.events.query import InvalidQuery, parse_query, run_query
+from fastcount.features.events.store import DAY, SCHEMA, maintain, write_batch
+from fastcount.features.events.validation import (
+    MAX_BULK,
+    Clock,
+    Event,
+    InvalidEvent,
+    check_document,
+    check_event,
+)
+from fastcount.server.responses import Response, constant_error, error_response, json_response
+from fastcount.server.routing import Route
+from fastcount.settings import check_knobs, knob
+from fastcount.store.database import connect
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_ONE = json_response(202, {"accepted": 1}, cacheable=True)
+BAD_JSON = constant_error(400, "body must be JSON: one event object or an array of them")
+OVERLOADED = constant_error(503, "too many pending events; retry later", ((b"Retry-After", b"1"),))
+DATABASE_UNAVAILABLE = constant_error(503, "database unavailable", ((b"Retry-After", b"1"),))
+SNAPSHOT_MARK = b"S"  # starts a journal record holding every pending event; no JSON text starts with it
+MAX_KNOWN_USERS = 1_000_000  # cached user numbers per worker; the cache starts over past this
+MAINTAIN_EVERY = 3600.0
+MAINTAIN_RETRY = 60.0
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    events_max_skew: float = knob(5.0, "seconds an event's timestamp may be ahead of the server clock", minimum=0)
+    events_retention: int = knob(
+        90, "days of events kept: older timestamps are refused, older daily partitions dropped", minimum=1
+    )
+    events_flush_max: int = knob(50_000, "pending events of a worker that trigger an early flush", minimum=1)
+    events_max_pending: int = knob(
+        1_000_000, "events per worker (pending + in retry) past which new events get 503", minimum=1
+    )
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
+        if self.events_flush_max > self.events_max_pending:
+            raise ValueError("events_flush_max must not exceed events_max_pending")
+
+
+@dataclass
+class EventBatch:
+    events: dict[bytes, Event]  # identity -> canonical event
+    own: bool  # taken from this worker's pending set (not replayed from a dead worker's journal)
+
+
+class PendingEvents(FlushBuffer):
+    """Events accepted by this worker and not yet committed, keyed by identity (a retry within one flush interval
+    is dropped here already; the database drops the rest).
+
+    Journal codec: a record is a request body as accepted (an object or an array of accepted events only), or
+    SNAPSHOT_MARK + a JSON array of every pending event. Replay checks everything again except the clock.
+    """
+
+    name = "events"
+
+    def __init__(self, max_pending: int, flush_max: int) -> None:
+        super().__init__()
+        self.pending: dict[bytes, Event] = {}
+        self.unacknowledged = 0
+        self.max_pending = max_pending
+        self.flush_max = flush_max
+        self.accepted = 0  # counters for the worker's tick
+        self.rejected = 0
+        self.duplicates = 0
+        self.taken: EventBatch | None = None
+        self.batch_inserted = 0  # of `taken`, over the writes of its current attempt
+        self.batch_users: dict[str, int] = {}
+        self.known_users: dict[str, int] = {}  # user numbers committed: immutable once committed
+
+    # -- the request path -------------------------------------------------------------------------------------------
+
+    def add_one(self, identity: bytes, event: Event, record: bytes) -> Response:
+        pending = self.pending
+        if len(pending) + self.unacknowledged >= self.max_pending:
+            return OVERLOADED
+        if not self.journal_append(record):  # journal before answering: a crash after the 202 loses nothing
+            return OVERLOADED
+        self.accepted += 1
+        if identity in pending:
+            self.duplicates += 1
+            return ACCEPTED_ONE
+        pending[identity] = event
+        if len(pending) == self.flush_max:
+            self.request_flush()
+        return ACCEPTED_ONE
+
+    def add_many(self, accepted: list[tuple[bytes, Event]], record: bytes) -> Response | None:
+        """None when all were added; else the refusal (503), and none was added."""
+        pending = self.pending
+        if len(pending) + self.unacknowledged + len(accepted) > self.max_pending:
+            return OVERLOADED
+        if not self.journal_append(record):
+            return OVERLOADED
+        size_before = len(pending)
+        self.accepted += len(accepted)
+        for identity, event in accepted:
+            if identity in pending:
+                self.duplicates += 1
+            else:
+                pending[identity] = event
+        if size_before < self.flush_max <= len(pending):
+            self.request_flush()
+        return None
+
+    def backlog_full(self) -> bool:
+        return len(self.pending) + self.unacknowledged >= self.max_pending
+
+    # -- FlushBuffer ------------------------------------------------------------------------------------------------
+
+    def take(self) -> EventBatch | None:
+        if not self.pending:
+            return None
+        batch = EventBatch(self.pending, own=True)
+        self.pending = {}
+        self.unacknowledged = len(batch.events)
+        self.taken = batch
+        return batch
+
+    def acknowledge(self) -> None:
+        taken, self.taken = self.taken, None
+        if taken is not None:
+            self.duplicates += len(taken.events) - self.batch_inserted
+        if len(self.known_users) + len(self.batch_users) > MAX_KNOWN_USERS:
+            self.known_users = {}
+        self.known_users.update(self.batch_users)
+        self.batch_users = {}
+        self.batch_inserted = 0
+        self.unacknowledged = 0
+
+    def describe(self, batch: EventBatch) -> tuple[int, int]:
+        return len(batch.events), len(batch.events)
+
+    async def write(self, conn: psycopg.AsyncConnection[Any], batch: EventBatch) -> int:
+        if batch is self.taken:  # a new attempt at the whole batch: forget what an earlier one did
+            self.batch_inserted = 0
+            self.batch_users = {}
+        written = await write_batch(conn, batch.events, self.known_users)
+        if batch.own:  # replayed batches are not acknowledged: their user numbers are simply not cached
+            self.batch_inserted += written.inserted
+            self.batch_users.update(written.user_numbers)
+        return written.inserted
+
+    def split(self, batch: EventBatch) -> list[EventBatch]:
+        identities = sorted(batch.events)
+        middle = len(identities) // 2
+        if not middle:
+            return [batch]
+        halves = (identities[:middle], identities[middle:])
+        return [EventBatch({i: batch.events[i] for i in half}, batch.own) for half in halves]
+
+    def dead_letters(self, batch: EventBatch) -> list[str]:
+        return [orjson.dumps(event).decode() for _, event in sorted(batch.events.items())]
+
+    def snapshot(self) -> bytes:
+        return SNAPSHOT_MARK + orjson.dumps(list(self.pending.values()))
+
+    def replay(self, records: Sequence[bytes]) -> EventBatch:
+        """The events in a dead worker's journal records."""
+        events: dict[bytes, Event] = {}
+        clock = Clock(None, 0.0, 0)
+        for record in records:
+            try:
+                document = orjson.loads(record[len(SNAPSHOT_MARK) :] if record.startswith(SNAPSHOT_MARK) else record)
+                parsed = check_document(document, clock, max_items=None)
+            except (orjson.JSONDecodeError, InvalidEvent):
+                continue
+            for identity, event in parsed.accepted:
+                events[identity] = event
+        return EventBatch(events, own=False)
+
+
+class EventsFeature(Feature):
+    """POST /events and GET /metrics."""
+
+    name = "events"
+    settings_class = EventsSettings
+    schema = SCHEMA
+
+    def __init__(self, context: FeatureContext) -> None:
+        super().__init__(context)
+        self.settings = context.section(EventsSettings)
+        self.buffer = PendingEvents(self.settings.events_max_pending, self.settings.events_flush_max)
+        self.read_pool = context.read_pool
+        self.clock = Clock(0, self.settings.events_max_skew, self.settings.events_retention * DAY)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(b"POST", b"/events", self.handle_events, name="events"),
+            Route(b"GET", b"/metrics", self.handle_metrics, name="metrics"),
+        ]
+
+    def buffers(self) -> list[FlushBuffer]:
+        return [self.buffer]
+
+    def metrics(self) -> list[FeatureMetric]:
+        buffer = self.buffer
+        return [
+            FeatureMetric("events_accepted", "counter", "events answered 202 (duplicates included)", buffer.accepted),
+            FeatureMetric("events_rejected", "counter", "events refused as invalid (400, or by index in a bulk)",
+                          buffer.rejected),
+            FeatureMetric("events_duplicates_dropped", "counter",
+                          "accepted events not stored because the same identity was already pending or stored",
+                          buffer.duplicates),
+            FeatureMetric("events_pending", "gauge", "events in memory, not yet taken by a flush", len(buffer.pending)),
+        ]  # fmt: skip
+
+    def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        return [self.maintain_partitions]
+
+    def _clock(self) -> Clock:
+        now = int(time.time())
+        clock = self.clock
+        if clock.now != now:
+            clock = self.clock = Clock(now, clock.max_skew, clock.retention_seconds)
+        return clock
+
+    def handle_events(self, path: bytes, query: bytes, body: bytes) -> Response:
+        buffer = self.buffer
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            buffer.rejected += 1
+            return BAD_JSON
+        if type(document) is dict:  # the common case, inline: this is the hot path
+            try:
+                identity, event = check_event(document, self._clock())
+            except InvalidEvent as problem:
+                buffer.rejected += 1
+                return error_response(400, str(problem))
+            return buffer.add_one(identity, event, body)
+        try:
+            parsed = check_document(document, self._clock(), MAX_BULK)
+        except InvalidEvent as problem:
+            buffer.rejected += len(problem.rejected) if problem.rejected else 1
+            if problem.rejected:
+                return json_response(400, {"error": str(problem), "rejected": problem.rejected})
+            return error_response(400, str(problem))
+        record = body if not parsed.rejected else orjson.dumps([event for _, event in parsed.accepted])
+        refused = buffer.add_many(parsed.accepted, record)
+        if refused is not None:
+            return refused
+        buffer.rejected += len(parsed.rejected)
+        return json_response(202, {"accepted": len(parsed.accepted), "rejected": parsed.rejected})
+
+    async def handle_metrics(self, path: bytes, query: bytes, body: bytes) -> Response:
+        try:
+            metrics_query = parse_query(query, int(time.time()))
+        except InvalidQuery as problem:
+            return error_response(400, str(problem))
+        try:
+            async with self.read_pool.connection() as conn:
+                answer = await run_query(conn, metrics_query)
+        except (psycopg.Error, OSError, TimeoutError):
+            return DATABASE_UNAVAILABLE
+        return json_response(200, answer)
+
+    async def maintain_partitions(self) -> None:
+        """Partitions ahead of need and retention, hourly; one process does it at a time (the others skip)."""
+        while True:
+            delay = MAINTAIN_EVERY
+            try:
+                async with asyncio.timeout(60.0):
+                    conn = await connect(self.context.dsn, statement_timeout=30.0)
+                    try:
+                        dropped = await maintain(conn, int(time.time()) // DAY, self.settings.events_retention)
+                    finally:
+                        await conn.close()
+                for name in dropped:
+                    log.info("event=events_partition_dropped partition=%s", name)
+            except (psycopg.Error, OSError, TimeoutError) as error:
+                log.warning("event=events_maintenance_failed error=%r", str(error).strip() or type(error).__name__)
+                delay = MAINTAIN_RETRY
+            await asyncio.sleep(delay)

@@ -1,0 +1,402 @@
+"""POST /events and GET /metrics against real servers and the real database: validation over HTTP, deduplication
+across workers and instances, exact metrics, backpressure while PostgreSQL is unreachable, and a SIGKILLed worker."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import urlencode
+
+import psycopg
+
+from conftest import Database, StartServer, free_port
+from httpclient import request
+
+HOUR = 3600
+DAY = 86400
+
+
+def post(conn: http.client.HTTPConnection, body: object) -> tuple[int, dict[str, object]]:
+    conn.request("POST", "/events", body=json.dumps(body).encode())
+    response = conn.getresponse()
+    return response.status, json.loads(response.read() or b"{}")
+
+
+def metrics(port: int, **params: object) -> dict[str, object]:
+    status, _, body = request(port, "GET", "/metrics?" + urlencode(params))
+    assert status == 200, body
+    answer: dict[str, object] = json.loads(body)
+    return answer
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        time.sleep(0.1)
+
+
+def identity(event: dict[str, object]) -> str:
+    """The test's own notion of "the same event": its event_id, else every field."""
+    return f"id:{event['event_id']}" if "event_id" in event else json.dumps(event, sort_keys=True)
+
+
+def expected(
+    events: list[dict[str, object]], name: str, start: int, end: int, channel: str | None = None, group_by: str = ""
+) -> dict[str, object]:
+    """Totals computed here, independently of the service, from the events the test sent (deduplicated)."""
+    unique = {identity(event): event for event in events}.values()
+    rows = [
+        e for e in unique if e["event_name"] == name and start <= e["timestamp"] < end  # type: ignore[operator]
+        and (channel is None or e["channel"] == channel)
+    ]  # fmt: skip
+    groups: dict[object, list[dict[str, object]]] = {}
+    for row in rows:
+        ts = int(row["timestamp"])  # type: ignore[call-overload]
+        key = {"channel": row["channel"], "hour": ts // HOUR * HOUR, "day": ts // DAY * DAY}.get(group_by)
+        groups.setdefault(key, []).append(row)
+    answer: dict[str, object] = {
+        "event_name": name,
+        "from": start,
+        "to": end,
+        "total_events": len(rows),
+        "unique_users": len({row["user_id"] for row in rows}),
+        "groups": [
+            {"key": key, "total_events": len(group), "unique_users": len({row["user_id"] for row in group})}
+            for key, group in sorted(groups.items())  # type: ignore[type-var]
+        ]
+        if group_by
+        else [],
+    }
+    if channel is not None:
+        answer["channel"] = channel
+    if group_by:
+        answer["group_by"] = group_by
+    return answer
+
+
+def stored(database: Database, prefix: str) -> list[tuple[object, ...]]:
+    return database.query(
+        "SELECT event_name, channel, user_id, ts, event_id FROM events WHERE event_name LIKE %s",
+        (prefix + "%",),
+    )
+
+
+def test_validation_over_http_single_and_bulk_and_nothing_invalid_stored(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    server = start_server()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    now = int(time.time())
+    good = {"event_name": prefix + "signup", "channel": "web", "user_id": "u1", "timestamp": now - 5}
+    assert post(conn, good) == (202, {"accepted": 1})
+    assert post(conn, {**good, "timestamp": now + 3600}) == (
+        400,
+        {"error": "'timestamp' is in the future (more than 5 s ahead of the server)"},
+    )
+    assert post(conn, {**good, "colour": "red"})[1]["error"].startswith("unknown field 'colour'")  # type: ignore[union-attr]
+    assert post(conn, {**good, "user_id": 12}) == (400, {"error": "'user_id' must be a string"})
+    assert post(conn, {**good, "tags": ["ok", "x" * 65]}) == (
+        400,
+        {"error": "'tags' must be at most 64 bytes of UTF-8"},
+    )
+    status, answer = post(
+        conn, [{**good, "user_id": "u2"}, {**good, "channel": ""}, "nope", {**good, "user_id": "u3", "tags": ["a"]}]
+    )
+    assert status == 202
+    assert answer == {
+        "accepted": 2,
+        "rejected": [
+            {"index": 1, "error": "'channel' must not be empty"},
+            {"index": 2, "error": "an event must be a JSON object"},
+        ],
+    }
+    status, answer = post(conn, [{**good, "event_name": ""}, {**good, "user_id": "a\u0000"}])
+    assert status == 400 and [r["index"] for r in answer["rejected"]] == [0, 1]  # type: ignore[attr-defined]
+    assert post(conn, [1, 2])[0] == 400
+    assert post(conn, {"events": [good]})[0] == 400
+    conn.request("POST", "/events", body=b"{not json")
+    response = conn.getresponse()
+    assert (response.status, json.loads(response.read())["error"][:19]) == (400, "body must be JSON: ")
+    conn.close()
+    wait_until(lambda: len(stored(database, prefix)) == 3)
+    assert server.stop() == 0
+    assert sorted(row[2] for row in stored(database, prefix)) == ["u1", "u2", "u3"]  # type: ignore[type-var]
+    assert database.query("SELECT tags FROM events WHERE event_name = %s AND user_id = 'u3'", (prefix + "signup",)) == [
+        (["a"],)
+    ]
+
+
+def test_duplicates_dropped_across_workers_and_instances_and_counted(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    admin_port = free_port()
+    first = start_server("--admin-port", str(admin_port), workers=2)
+    second = start_server(workers=1)
+    now = int(time.time())
+    name = prefix + "buy"
+    events: list[dict[str, object]] = []
+    for i in range(60):
+        event: dict[str, object] = {"event_name": name, "channel": ["web", "api"][i % 2], "user_id": f"u{i % 7}",
+                                    "timestamp": now - 100 - i % 3}  # fmt: skip
+        if i % 3 == 0:
+            event["event_id"] = f"{prefix}{i}"
+        else:
+            event["metadata"] = {"n": i}  # same user, same second, different events: both count
+        events.append(event)
+    # Every event goes out three times: on fresh connections to each instance (so over both of first's workers),
+    # one of them in a bulk, spread over several flushes.
+    sent = 0
+    for round_ in range(3):
+        for port in (first.port, second.port):
+            for start in range(0, len(events), 10):
+                chunk = events[start : start + 10]
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                if round_ == 1:
+                    assert post(conn, chunk) == (202, {"accepted": len(chunk), "rejected": []})
+                else:
+                    for event in chunk:
+                        assert post(conn, event) == (202, {"accepted": 1})
+                conn.close()
+                sent += len(chunk)
+        time.sleep(0.3)
+    want = expected(events, name, now - DAY, now + 1)
+    assert want["total_events"] == 60
+    for server in (first, second):
+        wait_until(
+            lambda port=server.port: metrics(port, event_name=name, **{"from": now - DAY, "to": now + 1}) == want
+        )  # type: ignore[misc]
+    assert len(stored(database, prefix)) == 60
+    duplicates = 0.0
+
+    def dropped() -> bool:
+        nonlocal duplicates
+        _, _, body = request(admin_port, "GET", "/metrics")
+        lines = [line for line in body.decode().splitlines() if line.startswith("fastcount_events_duplicates_dropped")]
+        duplicates = sum(float(line.split()[-1]) for line in lines)
+        return duplicates > 0
+
+    wait_until(dropped)
+    # first's workers got 2 x 3 copies of each event; second drops what it repeats or what first stored before it.
+    assert duplicates <= sent - 60
+
+
+def test_metrics_exact_for_each_grouping_filter_and_unaligned_range(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    server = start_server(workers=2)
+    rng = random.Random(9)
+    now = int(time.time())
+    names = [prefix + "view", prefix + "click"]
+    channels = ["web", "mobile_app", "api", "email"]
+    events: list[dict[str, object]] = []
+    for i in range(1500):
+        event: dict[str, object] = {
+            "event_name": rng.choice(names),
+            "channel": rng.choice(channels),
+            "user_id": f"user{rng.randrange(40)}",  # users on several channels and hours
+            "timestamp": now - rng.randrange(50 * HOUR),
+        }
+        if rng.random() < 0.3:
+            event["event_id"] = f"{prefix}e{i}"
+        events.append(event)
+    traffic = events + [rng.choice(events) for _ in range(700)]  # duplicate-heavy: a third are retries
+    rng.shuffle(traffic)
+    for start in range(0, len(traffic), 200):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        chunk = traffic[start : start + 200]
+        assert post(conn, chunk[:150])[0] == 202
+        for event in chunk[150:]:
+            assert post(conn, event)[0] == 202
+        conn.close()
+    whole = {"from": now - 50 * HOUR, "to": now + 1}
+    for name in names:
+        want = expected(events, name, whole["from"], whole["to"])
+        wait_until(lambda name=name, want=want: metrics(server.port, event_name=name, **whole) == want)  # type: ignore[misc]
+    aligned_end = now // HOUR * HOUR
+    ranges = [
+        (now - 50 * HOUR, now + 1),  # neither end on an hour
+        (aligned_end - 24 * HOUR, aligned_end),  # whole hours only: rollups alone
+        (aligned_end - 30 * HOUR + 1234, aligned_end - 3 * HOUR - 17),
+        (aligned_end - 5 * HOUR + 100, aligned_end - 5 * HOUR + 2000),  # inside one hour: raw rows alone
+    ]
+    for start, end in ranges:
+        for group_by in ("", "channel", "hour", "day"):
+            for channel in (None, "mobile_app"):
+                params: dict[str, object] = {"event_name": names[0], "from": start, "to": end}
+                if group_by:
+                    params["group_by"] = group_by
+                if channel:
+                    params["channel"] = channel
+                answer = metrics(server.port, **params)
+                assert answer == expected(events, names[0], start, end, channel, group_by), params
+    # The top-level unique users are the union, not a sum of the groups'.
+    answer = metrics(server.port, event_name=names[0], group_by="channel", **whole)
+    assert answer["unique_users"] < sum(group["unique_users"] for group in answer["groups"])  # type: ignore[attr-defined]
+    assert request(server.port, "GET", "/metrics?event_name=x&group_by=week")[0] == 400
+    assert request(server.port, "GET", "/metrics?from=1")[0] == 400
+
+
+class Proxy:
+    """A TCP proxy to PostgreSQL that the test can cut (close every connection, refuse new ones) and restore."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.closed = False
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                thread = threading.Thread(target=self._pump, args=(source, sink), daemon=True)
+                thread.start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.closed = True
+        self.cut()
+        self.listener.close()
+
+
+def test_backlog_bound_gives_503_while_postgres_unreachable_then_every_accepted_event_stored_once(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    info = psycopg.conninfo.conninfo_to_dict(database.dsn)
+    proxy = Proxy((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))  # type: ignore[call-overload]
+    try:
+        dsn = psycopg.conninfo.make_conninfo(database.dsn, host="127.0.0.1", port=str(proxy.port))
+        server = start_server("--events-max-pending", "120", "--events-flush-max", "40", dsn=dsn)
+        now = int(time.time())
+        name = prefix + "open"
+        conn = client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        accepted: list[str] = []
+
+        def send(i: int) -> int:
+            event = {
+                "event_name": name,
+                "channel": "web",
+                "user_id": f"u{i}",
+                "timestamp": now - 30,
+                "event_id": str(i),
+            }
+            status, answer = post(client, event)
+            if status == 202:
+                accepted.append(str(i))
+            else:
+                assert (status, answer) == (503, {"error": "too many pending events; retry later"})
+            return status
+
+        for i in range(20):
+            assert send(i) == 202
+        wait_until(lambda: len(stored(database, prefix)) == 20)
+        proxy.cut()
+        statuses = [send(i) for i in range(20, 400)]
+        assert statuses[:100] == [202] * 100, "the bound holds 120 events: pending plus the batch in retry"
+        assert statuses[-1] == 503
+        conn.request("POST", "/events", body=json.dumps({"event_name": name, "channel": "web", "user_id": "late",
+                                                         "timestamp": now - 30}).encode())  # fmt: skip
+        response = conn.getresponse()
+        response.read()
+        assert (response.status, response.getheader("Retry-After")) == (503, "1")
+        assert request(server.port, "GET", "/readyz")[0] == 503
+        assert request(server.port, "GET", f"/metrics?event_name={name}")[0] == 503
+        # Retries of what was accepted are still 202-or-503, and never stored twice.
+        proxy.restore()
+        wait_until(lambda: request(server.port, "GET", "/readyz")[0] == 200)
+        conn.close()
+        client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # the idle one may have timed out
+        for i in range(0, 40):
+            assert send(i) == 202
+        client.close()
+        wait_until(lambda: len(stored(database, prefix)) == len(set(accepted)))
+        assert server.stop() == 0
+        rows = stored(database, prefix)
+        assert sorted(str(row[4]) for row in rows) == sorted(set(accepted))
+        assert metrics_total(database, name) == len(set(accepted))
+    finally:
+        proxy.close()
+
+
+def metrics_total(database: Database, name: str) -> int:
+    rows = database.query("SELECT coalesce(sum(total), 0) FROM event_rollups WHERE event_name = %s", (name,))
+    return int(rows[0][0])  # type: ignore[call-overload]
+
+
+def test_sigkill_of_a_worker_stores_its_accepted_events_once(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    # With a 600 s interval nothing is flushed while the workers live: what they answered is in memory and journals.
+    server = start_server("--flush-interval", "600", workers=2)
+    now = int(time.time())
+    name = prefix + "pay"
+    events = [
+        {"event_name": name, "channel": "api", "user_id": f"u{i % 9}", "timestamp": now - i % 50} for i in range(300)
+    ]
+    for start in range(0, len(events), 10):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # new connections: both workers
+        for event in events[start : start + 10]:
+            assert post(conn, event)[0] == 202
+        assert post(conn, events[start : start + 10])[0] == 202  # a retry of all ten, in bulk
+        conn.close()
+    os.kill(server.worker_pids()[0], signal.SIGKILL)
+    server.wait_for_log(r"event=journals_recovered")
+    assert server.stop() == 0
+    assert "event=journal_recovered" in server.log
+    rows = stored(database, prefix)
+    assert len(rows) == 300
+    assert metrics_total(database, name) == 300
+    assert database.query("SELECT count(*) FROM events WHERE event_name = %s", (name,)) == [(300,)]
