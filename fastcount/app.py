@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
 from fastcount.features.health import Health
 from fastcount.features.increment import IncrementFeature
+from fastcount.features.verve import VerveFeature
 from fastcount.observability.stats import WorkerStats
 from fastcount.server.routing import Route
 from fastcount.settings import Settings
@@ -28,6 +29,7 @@ APPLICATION = "fastcount.app:WorkerApp"  # what the master tells workers to load
 
 FEATURES: list[type[Feature]] = [
     IncrementFeature,
+    VerveFeature,
 ]
 
 
