@@ -12,12 +12,13 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from time import time as now
 from typing import Any
 
 import psycopg
 
 from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
-from fastcount.features.verve.accept import FAILED, OVERLOADED, PendingIds, parse_endpoint, parse_id, parse_query
+from fastcount.features.verve.accept import FAILED, OK, PendingIds, parse_endpoint, parse_id, parse_query
 from fastcount.features.verve.callbacks import OUTCOMES, Callbacks
 from fastcount.features.verve.outbox import KafkaOutbox
 from fastcount.features.verve.reporter import Reporter
@@ -60,29 +61,31 @@ class VerveFeature(Feature):
         return [self.ids]
 
     def handle_accept(self, path: bytes, query: bytes, body: bytes) -> Response:
-        # The hot path: no I/O, no logging, no locks; counts are plain ints.
+        # The hot path: no I/O, no logging, no locks; counts are plain ints. `id=<digits>` alone, inline.
         if query[:3] == b"id=" and b"&" not in query:
-            raw_id: bytes | None = query[3:]
-            raw_endpoint: bytes | None = None
+            raw_id = query[3:]
+            if 0 < len(raw_id) < 19 and raw_id.isdigit():  # under 19 digits: within range, no check needed
+                response = self.ids.add_id(int(raw_id), now())
+            else:
+                ident = parse_id(raw_id)
+                response = FAILED if ident is None else self.ids.add_id(ident, now())
         else:
-            raw_id, raw_endpoint, well_formed = parse_query(query)
-            if not well_formed or raw_id is None:
-                self.failed += 1
-                return FAILED
-        ident = parse_id(raw_id)  # type: ignore[arg-type]
-        if ident is None:
-            self.failed += 1
-            return FAILED
-        endpoint = None
-        if raw_endpoint is not None:
-            endpoint = parse_endpoint(raw_endpoint)
-            if endpoint is None:
-                self.failed += 1
-                return FAILED
-        response = self.ids.add(ident, endpoint, time.time())
-        if response is OVERLOADED:
+            response = self._accept_general(query)
+        if response is not OK:
             self.failed += 1
         return response
+
+    def _accept_general(self, query: bytes) -> Response:
+        raw_id, raw_endpoint, well_formed = parse_query(query)
+        ident = parse_id(raw_id) if well_formed and raw_id is not None else None
+        if ident is None:
+            return FAILED
+        if raw_endpoint is None:
+            return self.ids.add_id(ident, now())
+        endpoint = parse_endpoint(raw_endpoint)
+        if endpoint is None:
+            return FAILED
+        return self.ids.add(ident, endpoint, now())
 
     # -- background ---------------------------------------------------------------------------------------------------
 

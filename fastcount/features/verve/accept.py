@@ -130,6 +130,27 @@ class PendingIds(FlushBuffer):
         self.current_ids = self.pending_ids.setdefault(self.window, [])
         self.current_endpoints = self.pending_endpoints.setdefault(self.window, [])
 
+    def add_id(self, ident: int, now: float) -> Response:
+        """`add` without an endpoint, flat: the common request."""
+        if now >= self.window_end:
+            self.roll(now)
+        if ident in self.seen:
+            self.duplicates += 1
+            return OK
+        if self.pending_count + self.unacknowledged >= self.max_pending:
+            return OVERLOADED
+        if self.journal is not None and not self.journal_append(RECORD_MARK + WINDOW_AND_ID.pack(self.window, ident)):
+            return OVERLOADED
+        self.seen.add(ident)
+        self.current_ids.append(ident)
+        self.accepted += 1
+        self.pending_count += 1
+        if self.pending_count == self.flush_max_keys:
+            self.request_flush()
+        if len(self.seen) > self.max_pending:  # dedup here only saves writes: PostgreSQL's key decides
+            self.seen = set()
+        return OK
+
     def add(self, ident: int, endpoint: str | None, now: float) -> Response:
         """Take one valid request (the hot path): journal first, then memory."""
         if now >= self.window_end:
