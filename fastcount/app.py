@@ -17,6 +17,7 @@ from fastcount.features.base import Feature, FeatureContext, FeatureMetric, Flus
 from fastcount.features.events import EventsFeature
 from fastcount.features.health import Health
 from fastcount.features.increment import IncrementFeature
+from fastcount.features.verve import VerveFeature
 from fastcount.observability.stats import WorkerStats
 from fastcount.server.routing import Route
 from fastcount.settings import Settings
@@ -30,6 +31,7 @@ APPLICATION = "fastcount.app:WorkerApp"  # what the master tells workers to load
 FEATURES: list[type[Feature]] = [
     IncrementFeature,
     EventsFeature,
+    VerveFeature,
 ]
 
 

@@ -128,7 +128,12 @@ def test_migrate_creates_the_schema_idempotently(database: Database) -> None:
         with psycopg.connect(dsn) as conn:
             tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         core = {"counters", "fastcount_batches", "fastcount_dead_letters"}
-        assert tables == core | {"events", "event_users", "event_rollups"}
+        assert tables == core | {"events", "event_users", "event_rollups"} | {
+            "verve_ids",
+            "verve_endpoints",
+            "verve_windows",
+            "verve_meta",
+        }
     finally:
         with psycopg.connect(database.dsn, autocommit=True) as conn:
             conn.execute("DROP DATABASE fastcount_migrate_test")

@@ -46,6 +46,7 @@ EXIT_BOOT_ERROR = 3  # failed before serving: the master stops rather than respa
 MSG_READY = b"R\n"
 MSG_JOURNALS_RECOVERED = b"J\n"  # every batch of the dead workers' journals we were given is committed
 CONFIG_ENV = "FASTCOUNT_WORKER_CONFIG"  # settings, DSN and application, as JSON, from the master
+MAX_UNSENT = 1 << 20  # bytes of status messages kept while the master does not read
 TICK_ERROR_LOG_EVERY = 60.0  # seconds: a tick that keeps failing is logged once a minute, and survived
 
 
@@ -98,6 +99,8 @@ class Worker:
         self.ready = False
         self.stop_requested: asyncio.Event | None = None
         self.tick_failed_at = -math.inf
+        self.unsent = bytearray()  # status messages the pipe has not taken yet
+        self.described: set[str] = set()  # metric names whose help text the master has been sent
 
     def run(self, serve: bool = True) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -224,20 +227,30 @@ class Worker:
         answers = {route.name: route.answers for route in state.router.routes if route.answers}
         gauges: dict[str, float] = {"connections_open": len(state.connections)}
         counters: dict[str, float] = {}
-        help_texts: dict[str, str] = {}
+        help_texts: dict[str, str] = {}  # sent once per series name: snapshots stay small
         for metric in app.metrics():
             key = metric.name
             if metric.labels:
                 key += "{" + ",".join(f'{name}="{value}"' for name, value in metric.labels) + "}"
             (counters if metric.kind == "counter" else gauges)[key] = metric.value
-            help_texts[metric.name] = metric.help
+            if metric.name not in self.described:
+                self.described.add(metric.name)
+                help_texts[metric.name] = metric.help
         self._tell_master(state.stats.snapshot(answers, gauges, counters, help_texts))
 
     def _tell_master(self, message: bytes) -> None:
+        """Messages are lines; one longer than PIPE_BUF may be written in parts, so what the pipe does not take now
+        waits (in order) for the next call. A full pipe means the master is busy, a broken one that it is gone:
+        neither may stop serving."""
+        self.unsent += message
         try:
-            os.write(self.status_pipe, message)  # under PIPE_BUF, so all or nothing
+            written = os.write(self.status_pipe, self.unsent)
         except (BlockingIOError, BrokenPipeError):
-            pass  # a full pipe means the master is busy, a broken one that it is gone; neither should stop serving
+            written = 0
+        del self.unsent[:written]
+        if len(self.unsent) > MAX_UNSENT:  # the master is not reading: keep the newest whole messages only
+            cut = self.unsent.find(b"\n", len(self.unsent) - MAX_UNSENT)
+            del self.unsent[: cut + 1 if cut != -1 else len(self.unsent)]
 
 
 def worker_config(settings: Settings, dsn: str, application: str) -> str:

@@ -1,0 +1,212 @@
+"""GET /api/verve/accept: unique ids per time window, reported exactly once per window across every instance sharing
+the database, then logged, published to Kafka (an outbox) and sent to the window's callback endpoints.
+
+The request path (accept.py) only parses, deduplicates in memory and journals; the flusher writes ids and endpoints;
+one background job per worker, on its own connection, runs the reporter, the Kafka outbox and the callbacks in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from time import time as now
+from typing import Any
+
+import psycopg
+
+from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
+from fastcount.features.verve.accept import FAILED, OK, PendingIds, parse_endpoint, parse_id, parse_query
+from fastcount.features.verve.callbacks import OUTCOMES, Callbacks
+from fastcount.features.verve.outbox import KafkaOutbox
+from fastcount.features.verve.reporter import Reporter
+from fastcount.features.verve.schema import SCHEMA
+from fastcount.features.verve.settings import VerveSettings
+from fastcount.server.responses import Response
+from fastcount.server.routing import Route
+from fastcount.store.database import connect
+from fastcount.store.flusher import writer_identity
+
+log = logging.getLogger(__name__)
+
+JOB_ERROR_LOG_EVERY = 30.0
+JOB_MAX_DELAY = 5.0
+
+
+class VerveFeature(Feature):
+    name = "verve"
+    settings_class = VerveSettings
+    schema = SCHEMA
+
+    def __init__(self, context: FeatureContext) -> None:
+        super().__init__(context)
+        settings = context.settings
+        self.verve = context.section(VerveSettings)
+        self.ids = PendingIds(
+            self.verve.verve_window, settings.max_pending_keys, self.verve.verve_max_endpoints, settings.flush_max_keys
+        )
+        self.failed = 0
+        self.me = writer_identity(context.slot) + "/verve"
+        self.reporter: Reporter | None = None
+        self.outbox: KafkaOutbox | None = None
+        self.callbacks: Callbacks | None = None
+        self.endpoints_dropped_logged = 0
+
+    def routes(self) -> list[Route]:
+        return [Route(b"GET", b"/api/verve/accept", self.handle_accept, name="verve_accept")]
+
+    def buffers(self) -> list[FlushBuffer]:
+        return [self.ids]
+
+    def handle_accept(self, path: bytes, query: bytes, body: bytes) -> Response:
+        # The hot path: no I/O, no logging, no locks; counts are plain ints. `id=<digits>` alone, inline.
+        if query[:3] == b"id=" and b"&" not in query:
+            raw_id = query[3:]
+            if 0 < len(raw_id) < 19 and raw_id.isdigit():  # under 19 digits: within range, no check needed
+                response = self.ids.add_id(int(raw_id), now())
+            else:
+                ident = parse_id(raw_id)
+                response = FAILED if ident is None else self.ids.add_id(ident, now())
+        else:
+            response = self._accept_general(query)
+        if response is not OK:
+            self.failed += 1
+        return response
+
+    def _accept_general(self, query: bytes) -> Response:
+        raw_id, raw_endpoint, well_formed = parse_query(query)
+        ident = parse_id(raw_id) if well_formed and raw_id is not None else None
+        if ident is None:
+            return FAILED
+        if raw_endpoint is None:
+            return self.ids.add_id(ident, now())
+        endpoint = parse_endpoint(raw_endpoint)
+        if endpoint is None:
+            return FAILED
+        return self.ids.add(ident, endpoint, now())
+
+    # -- background ---------------------------------------------------------------------------------------------------
+
+    def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        return [self.report_and_notify]
+
+    def log_path(self) -> str:
+        return self.verve.verve_log or str(Path(self.context.settings.data_dir) / "verve.log")
+
+    async def report_and_notify(self) -> None:
+        """One loop, one connection: report due windows, publish reports to Kafka, call endpoints; on a database
+        error, back off and start over with a new connection."""
+        verve = self.verve
+        settings = self.context.settings
+        self.reporter = Reporter(
+            self.me, verve.verve_window, verve.grace(settings.flush_interval), verve.verve_lease,
+            bool(verve.kafka_bootstrap), self.log_path(), verve.verve_retention, verve.verve_report_retention,
+        )  # fmt: skip
+        if verve.kafka_bootstrap:
+            self.outbox = KafkaOutbox(self.me, verve.kafka_bootstrap, verve.kafka_topic, verve.verve_lease)
+        self.callbacks = Callbacks(
+            self.me, verve.verve_callback_method, verve.allow_list, verve.verve_callback_timeout,
+            verve.verve_callback_concurrency,
+        )  # fmt: skip
+        interval = min(1.0, max(0.1, verve.verve_window / 8))
+        conn: psycopg.AsyncConnection[Any] | None = None
+        delay = 0.0
+        last_error_log = -JOB_ERROR_LOG_EVERY
+        try:
+            while True:
+                await asyncio.sleep(delay or interval)
+                try:
+                    async with asyncio.timeout(settings.flush_timeout + 5):
+                        if conn is None or conn.closed:
+                            conn = await connect(self.context.dsn, statement_timeout=settings.flush_timeout)
+                        await self.reporter.step(conn)
+                        if self.outbox is not None:
+                            await self.outbox.step(conn)
+                        await self.callbacks.step(conn)
+                    delay = 0.0
+                except (psycopg.Error, OSError, TimeoutError) as error:
+                    delay = min(JOB_MAX_DELAY, max(interval, delay * 2))
+                    if time.monotonic() - last_error_log >= JOB_ERROR_LOG_EVERY:
+                        last_error_log = time.monotonic()
+                        log.warning("event=verve_job_failed retry_in=%.1fs error=%r", delay, str(error).strip())
+                    if conn is not None:
+                        await _close(conn)
+                        conn = None
+                self._log_dropped_endpoints()
+        finally:
+            await self._finish(conn)
+
+    async def _finish(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        """At stop: let queued Kafka messages be delivered and record what was, then close."""
+        try:
+            if self.outbox is not None:
+                await self.outbox.close()
+                if conn is not None and not conn.closed:
+                    async with asyncio.timeout(5):
+                        await self.outbox.record_deliveries(conn)
+            if self.callbacks is not None:
+                await self.callbacks.close()
+                if conn is not None and not conn.closed:
+                    async with asyncio.timeout(5):
+                        await self.callbacks.record(conn)
+        except (psycopg.Error, OSError, TimeoutError) as error:
+            log.warning("event=verve_stop_incomplete error=%r", str(error).strip())
+        finally:
+            if conn is not None:
+                await _close(conn)
+
+    def _log_dropped_endpoints(self) -> None:
+        dropped = self.ids.endpoints_dropped
+        if dropped != self.endpoints_dropped_logged:
+            log.warning(
+                "event=verve_endpoints_dropped dropped=%d total=%d max_per_window=%d",
+                dropped - self.endpoints_dropped_logged, dropped, self.verve.verve_max_endpoints,
+            )  # fmt: skip
+            self.endpoints_dropped_logged = dropped
+
+    # -- metrics ------------------------------------------------------------------------------------------------------
+
+    def metrics(self) -> list[FeatureMetric]:
+        ids = self.ids
+        metrics = [
+            FeatureMetric("verve_requests", "counter", "verve accept answers by result", ids.accepted,
+                          (("result", "accepted"),)),
+            FeatureMetric("verve_requests", "counter", "verve accept answers by result", ids.duplicates,
+                          (("result", "duplicate"),)),
+            FeatureMetric("verve_requests", "counter", "verve accept answers by result", self.failed,
+                          (("result", "failed"),)),
+            FeatureMetric("verve_endpoints_dropped", "counter", "endpoints past --verve-max-endpoints",
+                          ids.endpoints_dropped),
+            FeatureMetric("verve_pending_ids", "gauge", "ids in memory not yet flushed",
+                          ids.pending_count + ids.unacknowledged),
+            FeatureMetric("verve_reports", "counter", "window reports made by this worker",
+                          self.reporter.reports if self.reporter else 0),
+        ]  # fmt: skip
+        if self.outbox is not None:
+            metrics += [
+                FeatureMetric("verve_kafka_published", "counter", "reports the broker acknowledged",
+                              self.outbox.published),
+                FeatureMetric("verve_kafka_failures", "counter", "failed report deliveries", self.outbox.failures),
+                FeatureMetric("verve_kafka_lag_seconds", "gauge", "age of the oldest unpublished report",
+                              self.outbox.lag_seconds),
+            ]  # fmt: skip
+        if self.callbacks is not None:
+            metrics += [
+                FeatureMetric("verve_callbacks", "counter", "callbacks by outcome", self.callbacks.by_outcome[outcome],
+                              (("outcome", outcome),))
+                for outcome in OUTCOMES
+            ]  # fmt: skip
+        return metrics
+
+
+async def _close(conn: psycopg.AsyncConnection[Any]) -> None:
+    try:
+        async with asyncio.timeout(1.0):
+            await conn.close()
+    except (psycopg.Error, OSError, TimeoutError):
+        pass
+
+
+__all__ = ["VerveFeature"]

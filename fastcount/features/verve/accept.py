@@ -1,0 +1,287 @@
+"""GET /api/verve/accept: the query parsed with bytes operations, the id deduplicated per window in this worker, new
+ids and endpoints pending in memory until the flusher writes them (PostgreSQL deduplicates across workers).
+
+Parsing and validation are pure functions (`parse_query`, `parse_id`, `parse_endpoint`) so unit tests need no server.
+Windows are aligned to multiples of --verve-window seconds since the epoch; an id belongs to the window in which this
+worker received it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import orjson
+import psycopg
+
+from fastcount.features.base import FlushBuffer
+from fastcount.features.verve.schema import INSERT_ENDPOINTS, INSERT_IDS
+from fastcount.server.responses import Response
+
+MIN_ID = -(2**63)
+MAX_ID = 2**63 - 1
+MAX_ID_DIGITS = 20  # "-9223372036854775808"
+MAX_ENDPOINT_BYTES = 2048
+_UNSAFE_IN_URL = re.compile(rb"[\x00-\x20\x7f]").search  # controls and spaces: never part of a URL
+
+OK = Response(200, b"ok", b"text/plain", cacheable=True)
+FAILED = Response(400, b"failed", b"text/plain", cacheable=True)
+OVERLOADED = Response(503, b"failed", b"text/plain", ((b"Retry-After", b"1"),), cacheable=True)
+
+# Journal records: RECORD_MARK + (window start, id) + the endpoint's UTF-8 when it is new in the window; or
+# SNAPSHOT_MARK + JSON of everything pending (what a full region is compacted into).
+RECORD_MARK = b"R"
+SNAPSHOT_MARK = b"S"
+WINDOW_AND_ID = struct.Struct("<qq")
+
+# A batch: {window start: ids} and {window start: endpoints}.
+Batch = tuple[dict[int, list[int]], dict[int, list[str]]]
+
+
+def parse_query(query: bytes) -> tuple[bytes | None, bytes | None, bool]:
+    """(raw id, raw endpoint, well-formed): the first `id=` and `endpoint=` values; a second one of either is an
+    error (which would count?). Other parameters are ignored."""
+    raw_id: bytes | None = None
+    raw_endpoint: bytes | None = None
+    for part in query.split(b"&"):
+        if part[:3] == b"id=":
+            if raw_id is not None:
+                return None, None, False
+            raw_id = part[3:]
+        elif part[:9] == b"endpoint=":
+            if raw_endpoint is not None:
+                return None, None, False
+            raw_endpoint = part[9:]
+    return raw_id, raw_endpoint, True
+
+
+def parse_id(raw: bytes) -> int | None:
+    """A signed 64-bit integer in plain decimal (an optional '-', ASCII digits), or None."""
+    if not 0 < len(raw) <= MAX_ID_DIGITS:
+        return None
+    if not raw.isdigit() and not (raw[:1] == b"-" and raw[1:].isdigit()):
+        return None
+    value = int(raw)
+    if not MIN_ID <= value <= MAX_ID:
+        return None
+    return value
+
+
+def parse_endpoint(raw: bytes) -> str | None:
+    """An absolute http:// or https:// URL with a host, at most 2,048 bytes once decoded, UTF-8, no spaces or
+    control characters; or None. `+` is taken literally (RFC 3986), `%XX` is decoded."""
+    if b"%" in raw:
+        raw = unquote_to_bytes(raw)
+    if len(raw) > MAX_ENDPOINT_BYTES:
+        return None
+    lowered = raw[:8].lower()
+    if lowered.startswith(b"https://"):
+        rest = raw[8:]
+    elif lowered.startswith(b"http://"):
+        rest = raw[7:]
+    else:
+        return None
+    if not rest or rest[:1] in b"/?#" or _UNSAFE_IN_URL(raw):
+        return None  # no host
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+class PendingIds(FlushBuffer):
+    """This worker's ids and endpoints not yet in PostgreSQL, per window, and the sets that deduplicate them in the
+    current window. Bounded: past `max_pending` ids (pending plus the batch in retry) a new id gets 503."""
+
+    name = "verve"
+
+    def __init__(self, window_seconds: int, max_pending: int, max_endpoints: int, flush_max_keys: int) -> None:
+        super().__init__()
+        self.window_seconds = window_seconds
+        self.max_pending = max_pending
+        self.max_endpoints = max_endpoints
+        self.flush_max_keys = flush_max_keys
+        self.pending_ids: dict[int, list[int]] = {}
+        self.pending_endpoints: dict[int, list[str]] = {}
+        self.pending_count = 0  # ids in pending_ids
+        self.unacknowledged = 0  # ids of the batch the flusher took and has not committed yet
+        self.window = -1
+        self.window_end = -1.0
+        self.seen: set[int] = set()  # ids of the current window this worker took (pending or flushed)
+        self.endpoints_seen: set[str] = set()
+        self.current_ids: list[int] = []
+        self.current_endpoints: list[str] = []
+        # counters, read on the tick
+        self.accepted = 0
+        self.duplicates = 0
+        self.endpoints_dropped = 0
+
+    def roll(self, now: float) -> None:
+        """A new window: fresh dedup sets; the old window's pending ids stay for the flusher."""
+        seconds = self.window_seconds
+        self.window = int(now // seconds) * seconds
+        self.window_end = float(self.window + seconds)
+        self.seen = set()
+        self.endpoints_seen = set()
+        self.current_ids = self.pending_ids.setdefault(self.window, [])
+        self.current_endpoints = self.pending_endpoints.setdefault(self.window, [])
+
+    def add_id(self, ident: int, now: float) -> Response:
+        """`add` without an endpoint, flat: the common request."""
+        if now >= self.window_end:
+            self.roll(now)
+        if ident in self.seen:
+            self.duplicates += 1
+            return OK
+        if self.pending_count + self.unacknowledged >= self.max_pending:
+            return OVERLOADED
+        if self.journal is not None and not self.journal_append(RECORD_MARK + WINDOW_AND_ID.pack(self.window, ident)):
+            return OVERLOADED
+        self.seen.add(ident)
+        self.current_ids.append(ident)
+        self.accepted += 1
+        self.pending_count += 1
+        if self.pending_count == self.flush_max_keys:
+            self.request_flush()
+        if len(self.seen) > self.max_pending:  # dedup here only saves writes: PostgreSQL's key decides
+            self.seen = set()
+        return OK
+
+    def add(self, ident: int, endpoint: str | None, now: float) -> Response:
+        """Take one valid request (the hot path): journal first, then memory."""
+        if now >= self.window_end:
+            self.roll(now)
+        new_id = ident not in self.seen
+        new_endpoint = False
+        if endpoint is not None and endpoint not in self.endpoints_seen:
+            if len(self.endpoints_seen) < self.max_endpoints:
+                new_endpoint = True
+            else:
+                self.endpoints_dropped += 1
+        if not new_id and not new_endpoint:
+            self.duplicates += 1
+            return OK
+        if new_id and self.pending_count + self.unacknowledged >= self.max_pending:
+            return OVERLOADED
+        record = RECORD_MARK + WINDOW_AND_ID.pack(self.window, ident)
+        if new_endpoint:
+            record += endpoint.encode()  # type: ignore[union-attr]
+        if not self.journal_append(record):
+            return OVERLOADED
+        if new_endpoint:
+            self.endpoints_seen.add(endpoint)  # type: ignore[arg-type]
+            self.current_endpoints.append(endpoint)  # type: ignore[arg-type]
+        if new_id:
+            self.seen.add(ident)
+            self.current_ids.append(ident)
+            self.accepted += 1
+            self.pending_count += 1
+            if self.pending_count == self.flush_max_keys:
+                self.request_flush()
+            if len(self.seen) > self.max_pending:  # dedup here only saves writes: PostgreSQL's key decides
+                self.seen = set()
+        else:
+            self.duplicates += 1
+        return OK
+
+    def backlog_full(self) -> bool:
+        return self.pending_count + self.unacknowledged >= self.max_pending
+
+    # -- FlushBuffer ------------------------------------------------------------------------------------------------
+
+    def take(self) -> Batch | None:
+        if not self.pending_count and not any(self.pending_endpoints.values()):
+            return None
+        batch = (
+            {window: ids for window, ids in self.pending_ids.items() if ids},
+            {window: endpoints for window, endpoints in self.pending_endpoints.items() if endpoints},
+        )
+        self.unacknowledged = self.pending_count
+        self.pending_count = 0
+        self.pending_ids = {}
+        self.pending_endpoints = {}
+        if self.window >= 0:
+            self.current_ids = self.pending_ids.setdefault(self.window, [])
+            self.current_endpoints = self.pending_endpoints.setdefault(self.window, [])
+        return batch
+
+    def acknowledge(self) -> None:
+        self.unacknowledged = 0
+
+    def describe(self, batch: Batch) -> tuple[int, int]:
+        ids = sum(len(values) for values in batch[0].values())
+        return ids + sum(len(values) for values in batch[1].values()), ids
+
+    async def write(self, conn: psycopg.AsyncConnection[Any], batch: Batch) -> int:
+        rows = 0
+        for window, ids in sorted(batch[0].items()):
+            await conn.execute(INSERT_IDS, (window, sorted(set(ids))))
+            rows += len(ids)
+        for window, endpoints in sorted(batch[1].items()):
+            await conn.execute(INSERT_ENDPOINTS, (window, sorted(set(endpoints))))
+            rows += len(endpoints)
+        return rows
+
+    def split(self, batch: Batch) -> list[Batch]:
+        items: list[tuple[int, int | None, str | None]] = [
+            (window, ident, None) for window, ids in sorted(batch[0].items()) for ident in ids
+        ] + [(window, None, endpoint) for window, endpoints in sorted(batch[1].items()) for endpoint in endpoints]
+        middle = len(items) // 2
+        if not middle:
+            return [batch]
+        return [_batch_of(items[:middle]), _batch_of(items[middle:])]
+
+    def dead_letters(self, batch: Batch) -> list[str]:
+        ids = [json.dumps({"window_start": w, "id": i}) for w, values in sorted(batch[0].items()) for i in values]
+        endpoints = [
+            json.dumps({"window_start": w, "endpoint": e}) for w, values in sorted(batch[1].items()) for e in values
+        ]
+        return ids + endpoints
+
+    # -- the crash journal's codec ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        return SNAPSHOT_MARK + orjson.dumps(
+            {
+                "ids": [[window, ids] for window, ids in self.pending_ids.items() if ids],
+                "endpoints": [[window, endpoints] for window, endpoints in self.pending_endpoints.items() if endpoints],
+            }
+        )
+
+    def replay(self, records: Sequence[bytes]) -> Batch:
+        ids: dict[int, set[int]] = {}
+        endpoints: dict[int, set[str]] = {}
+        for record in records:
+            try:
+                if record[:1] == RECORD_MARK:
+                    window, ident = WINDOW_AND_ID.unpack_from(record, 1)
+                    ids.setdefault(window, set()).add(ident)
+                    if len(record) > 1 + WINDOW_AND_ID.size:
+                        endpoints.setdefault(window, set()).add(record[1 + WINDOW_AND_ID.size :].decode())
+                elif record[:1] == SNAPSHOT_MARK:
+                    document = orjson.loads(record[1:])
+                    for window, values in document["ids"]:
+                        ids.setdefault(window, set()).update(values)
+                    for window, values in document["endpoints"]:
+                        endpoints.setdefault(window, set()).update(values)
+            except (struct.error, UnicodeDecodeError, orjson.JSONDecodeError, KeyError, ValueError, TypeError):
+                continue  # torn or foreign: never answered
+        return (
+            {window: sorted(values) for window, values in ids.items()},
+            {window: sorted(values) for window, values in endpoints.items()},
+        )
+
+
+def _batch_of(items: list[tuple[int, int | None, str | None]]) -> Batch:
+    ids: dict[int, list[int]] = {}
+    endpoints: dict[int, list[str]] = {}
+    for window, ident, endpoint in items:
+        if ident is not None:
+            ids.setdefault(window, []).append(ident)
+        if endpoint is not None:
+            endpoints.setdefault(window, []).append(endpoint)
+    return ids, endpoints

@@ -1,0 +1,187 @@
+"""Window callbacks: each distinct endpoint given during a window is called once, after the window's report, with
+its count. One attempt per (window, endpoint): the claim in PostgreSQL is the attempt, so no process repeats it.
+Calls run off the request path, at most --verve-callback-concurrency at once per worker, each with a timeout, never
+following redirects. The host is resolved and every address checked before the connection (which then uses only the
+checked addresses): link-local and cloud-metadata addresses are always refused, and --verve-callback-allow narrows
+the rest. Each outcome (HTTP status, error or refusal) is recorded in verve_endpoints and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import psycopg
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from fastcount.features.verve.reporter import iso
+from fastcount.features.verve.schema import CLAIM_CALLBACKS, RECORD_CALLBACK
+from fastcount.features.verve.settings import AllowList
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+ALWAYS_REFUSED = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "169.254.0.0/16",  # IPv4 link-local, and the metadata service of most clouds (169.254.169.254)
+        "fe80::/10",  # IPv6 link-local
+        "fd00:ec2::254/128",  # AWS metadata over IPv6
+        "100.100.100.200/32",  # Alibaba Cloud metadata
+    )
+)
+CLAIM_LIMIT = 64
+OUTCOMES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "refused")
+
+
+class TargetRefused(OSError):
+    """The callback's host resolves to an address we never call."""
+
+
+def refusal(host: str, addresses: list[IPAddress], allow: AllowList) -> str | None:
+    """Why a host with these addresses must not be called, or None. Every address must pass."""
+    if not addresses:
+        return "no address"
+    for address in addresses:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in network for network in ALWAYS_REFUSED):
+            return f"link-local or cloud-metadata address {address}"
+    if allow.empty or host.lower().rstrip(".") in allow.hosts:
+        return None
+    for address in addresses:
+        if not any(address.version == network.version and address in network for network in allow.networks):
+            return f"{address} is not in --verve-callback-allow"
+    return None
+
+
+class CheckedResolver(AbstractResolver):
+    """Resolves a host and refuses it unless every address passes `refusal`: aiohttp then connects only to those."""
+
+    def __init__(self, allow: AllowList) -> None:
+        self.allow = allow
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        hosts = [str(info[4][0]) for info in infos]
+        addresses = [ipaddress.ip_address(address.split("%")[0]) for address in hosts]
+        reason = refusal(host, addresses, self.allow)
+        if reason is not None:
+            raise TargetRefused(reason)
+        return [
+            ResolveResult(hostname=host, host=address, port=port, family=info[0], proto=info[2],
+                          flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+            for address, info in zip(hosts, infos, strict=True)
+        ]  # fmt: skip
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    outcome: str  # "2xx", "4xx", ..., "error" or "refused"
+    status: int | None
+    error: str | None
+
+
+def callback_url(endpoint: str, count: int) -> str:
+    """The endpoint with count=N added to its existing query (a fragment is never sent)."""
+    url = endpoint.split("#", 1)[0]
+    separator = "&" if "?" in url else "?"
+    if url.endswith(("?", "&")):
+        separator = ""
+    return f"{url}{separator}count={count}"
+
+
+class Callbacks:
+    def __init__(self, me: str, method: str, allow: AllowList, timeout: float, concurrency: int) -> None:
+        self.me = me
+        self.method = method.lower()
+        self.allow = allow
+        self.timeout = timeout
+        self.slots = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency
+        self.session: aiohttp.ClientSession | None = None
+        self.running: set[asyncio.Task[None]] = set()
+        self.finished: list[tuple[int, str, Outcome]] = []  # to record in PostgreSQL on the next step
+        self.by_outcome: dict[str, int] = dict.fromkeys(OUTCOMES, 0)  # metrics
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            connector = aiohttp.TCPConnector(resolver=CheckedResolver(self.allow), use_dns_cache=False, limit=0)
+            self.session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout), trust_env=False
+            )
+        return self.session
+
+    async def step(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await self.record(conn)
+        room = self.concurrency * 4 - len(self.running)
+        if room <= 0:
+            return
+        rows = await (await conn.execute(CLAIM_CALLBACKS, {"me": self.me, "limit": min(room, CLAIM_LIMIT)})).fetchall()
+        for window, endpoint, count in rows:
+            task = asyncio.create_task(self._call(int(window), str(endpoint), int(count)))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+
+    async def record(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while self.finished:
+            window, endpoint, result = self.finished[0]
+            await conn.execute(RECORD_CALLBACK, (result.outcome, result.status, result.error, window, endpoint))
+            self.finished.pop(0)
+
+    async def _call(self, window: int, endpoint: str, count: int) -> None:
+        async with self.slots:
+            result = await self.call(window, endpoint, count)
+        self.by_outcome[result.outcome] += 1
+        self.finished.append((window, endpoint, result))
+        log.info(
+            "event=verve_callback window_start=%s endpoint=%r outcome=%s status=%s error=%r",
+            iso(window), endpoint[:200], result.outcome, result.status, result.error,
+        )  # fmt: skip
+
+    async def call(self, window: int, endpoint: str, count: int) -> Outcome:
+        host = urlsplit(endpoint).hostname or ""
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:  # aiohttp connects to an address literal without asking the resolver
+            reason = refusal(host, [literal], self.allow)
+            if reason is not None:
+                return Outcome("refused", None, reason)
+        session = self._session()
+        try:
+            if self.method == "post":
+                request = session.post(endpoint.split("#", 1)[0], json={"window_start": iso(window), "count": count},
+                                       allow_redirects=False)  # fmt: skip
+            else:
+                request = session.get(callback_url(endpoint, count), allow_redirects=False)
+            async with request as response:
+                await response.read()
+                return Outcome(f"{response.status // 100}xx", response.status, None)
+        except aiohttp.ClientConnectorError as error:
+            if isinstance(error.os_error, TargetRefused):
+                return Outcome("refused", None, str(error.os_error))
+            return Outcome("error", None, f"{type(error).__name__}: {error}"[:500])
+        except TimeoutError:
+            return Outcome("error", None, f"timeout after {self.timeout}s")
+        except (aiohttp.ClientError, OSError, ValueError) as error:
+            return Outcome("error", None, f"{type(error).__name__}: {error}"[:500])
+
+    async def close(self) -> None:
+        for task in list(self.running):
+            task.cancel()
+        await asyncio.gather(*self.running, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()

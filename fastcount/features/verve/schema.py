@@ -1,0 +1,168 @@
+"""The verve tables and the statements that use them. Window starts are Unix seconds (bigint), aligned to
+--verve-window; every instance sharing a database must use the same window length.
+
+- verve_ids: one row per (window, id), written by the flusher with ON CONFLICT DO NOTHING: the cluster-wide dedup.
+- verve_endpoints: one row per (window, endpoint), and the outcome of its one callback.
+- verve_windows: one row per window due for a report: the report claim (a lease), the count, the Kafka outbox.
+- verve_meta: first_start, the feature's first start in this database: windows are reported (0 when empty) from the
+  window that contains it.
+"""
+
+from __future__ import annotations
+
+SCHEMA = [
+    """
+    CREATE TABLE IF NOT EXISTS verve_ids (
+        window_start bigint NOT NULL,
+        id bigint NOT NULL,
+        PRIMARY KEY (window_start, id)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS verve_endpoints (
+        window_start bigint NOT NULL,
+        endpoint text NOT NULL,
+        attempted_at timestamptz,
+        caller text,
+        outcome text,
+        status integer,
+        error text,
+        finished_at timestamptz,
+        PRIMARY KEY (window_start, endpoint)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS verve_endpoints_due ON verve_endpoints (window_start) WHERE attempted_at IS NULL",
+    """
+    CREATE TABLE IF NOT EXISTS verve_windows (
+        window_start bigint PRIMARY KEY,
+        window_seconds integer NOT NULL,
+        claimed_by text,
+        lease_until timestamptz,
+        claims integer NOT NULL DEFAULT 0,
+        unique_ids bigint,
+        reported_by text,
+        reported_at timestamptz,
+        kafka_pending boolean NOT NULL DEFAULT false,
+        publisher text,
+        publish_lease_until timestamptz,
+        published_at timestamptz
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS verve_windows_unreported ON verve_windows (window_start) WHERE unique_ids IS NULL",
+    """
+    CREATE INDEX IF NOT EXISTS verve_windows_unpublished ON verve_windows (window_start)
+    WHERE kafka_pending AND published_at IS NULL
+    """,
+    "CREATE TABLE IF NOT EXISTS verve_meta (name text PRIMARY KEY, value bigint NOT NULL)",
+    """
+    INSERT INTO verve_meta (name, value) VALUES ('first_start', floor(extract(epoch FROM now()))::bigint)
+    ON CONFLICT (name) DO NOTHING
+    """,
+]
+
+# -- the flusher: ids and endpoints, sorted so concurrent writers take index locks in one order ------------------------
+INSERT_IDS = """
+    INSERT INTO verve_ids (window_start, id)
+    SELECT %s, id FROM unnest(%s::int8[]) AS batch(id) ORDER BY id
+    ON CONFLICT DO NOTHING
+"""
+INSERT_ENDPOINTS = """
+    INSERT INTO verve_endpoints (window_start, endpoint)
+    SELECT %s, endpoint FROM unnest(%s::text[]) AS batch(endpoint) ORDER BY endpoint COLLATE "C"
+    ON CONFLICT DO NOTHING
+"""
+
+# -- reports ----------------------------------------------------------------------------------------------------------
+FIRST_WINDOW_SOURCES = """
+    SELECT (SELECT value FROM verve_meta WHERE name = 'first_start'),
+           (SELECT min(window_start) FROM verve_ids),
+           (SELECT max(window_start) FROM verve_windows)
+"""
+ENSURE_WINDOWS = """
+    INSERT INTO verve_windows (window_start, window_seconds)
+    SELECT start, %(seconds)s FROM generate_series(%(first)s::bigint, %(last)s::bigint, %(seconds)s::bigint) AS start
+    ON CONFLICT (window_start) DO NOTHING
+"""
+# SKIP LOCKED: processes claiming at the same moment take different windows (or nothing) instead of queueing.
+CLAIM_WINDOW = """
+    UPDATE verve_windows AS w
+    SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s), claims = w.claims + 1
+    FROM (
+        SELECT window_start FROM verve_windows
+        WHERE unique_ids IS NULL AND window_start <= %(last)s AND (lease_until IS NULL OR lease_until < now())
+        ORDER BY window_start LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE w.window_start = due.window_start
+    RETURNING w.window_start, w.window_seconds, w.claims
+"""
+COUNT_IDS = "SELECT count(*) FROM verve_ids WHERE window_start = %s"
+# Only the holder of the claim records, and only once: a claimer whose lease was taken over records nothing.
+RECORD_REPORT = """
+    UPDATE verve_windows
+    SET unique_ids = %(count)s, reported_by = %(me)s, reported_at = now(), lease_until = NULL,
+        kafka_pending = %(kafka)s
+    WHERE window_start = %(window)s AND claimed_by = %(me)s AND unique_ids IS NULL
+    RETURNING window_start
+"""
+
+# -- the Kafka outbox -------------------------------------------------------------------------------------------------
+CLAIM_UNPUBLISHED = """
+    UPDATE verve_windows AS w
+    SET publisher = %(me)s, publish_lease_until = now() + make_interval(secs => %(lease)s)
+    FROM (
+        SELECT window_start FROM verve_windows
+        WHERE kafka_pending AND published_at IS NULL
+          AND (publish_lease_until IS NULL OR publish_lease_until < now())
+          AND window_start <> ALL(%(held)s::int8[])
+        ORDER BY window_start LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE w.window_start = due.window_start
+    RETURNING w.window_start, w.window_seconds, w.unique_ids
+"""
+RENEW_PUBLISH_LEASE = """
+    UPDATE verve_windows SET publish_lease_until = now() + make_interval(secs => %(lease)s)
+    WHERE window_start = ANY(%(held)s::int8[]) AND publisher = %(me)s AND published_at IS NULL
+"""
+MARK_PUBLISHED = """
+    UPDATE verve_windows SET published_at = now(), publish_lease_until = NULL
+    WHERE window_start = ANY(%s::int8[]) AND published_at IS NULL
+"""
+RELEASE_UNPUBLISHED = """
+    UPDATE verve_windows SET publish_lease_until = NULL
+    WHERE window_start = ANY(%(windows)s::int8[]) AND publisher = %(me)s AND published_at IS NULL
+"""
+OLDEST_UNPUBLISHED = """
+    SELECT coalesce(extract(epoch FROM now() - min(reported_at)), 0) FROM verve_windows
+    WHERE kafka_pending AND published_at IS NULL
+"""
+
+# -- callbacks: one attempt per (window, endpoint); the claim is the attempt, so it is never repeated -----------------
+CLAIM_CALLBACKS = """
+    UPDATE verve_endpoints AS e SET attempted_at = now(), caller = %(me)s
+    FROM (
+        SELECT e2.window_start, e2.endpoint FROM verve_endpoints AS e2
+        JOIN verve_windows AS w ON w.window_start = e2.window_start AND w.unique_ids IS NOT NULL
+        WHERE e2.attempted_at IS NULL
+        ORDER BY e2.window_start LIMIT %(limit)s
+        FOR UPDATE OF e2 SKIP LOCKED
+    ) AS due, verve_windows AS w
+    WHERE e.window_start = due.window_start AND e.endpoint = due.endpoint AND w.window_start = e.window_start
+    RETURNING e.window_start, e.endpoint, w.unique_ids
+"""
+RECORD_CALLBACK = """
+    UPDATE verve_endpoints SET outcome = %s, status = %s, error = %s, finished_at = now()
+    WHERE window_start = %s AND endpoint = %s
+"""
+
+# -- retention (one process at a time: an advisory lock, tried, not waited for) --------------------------------------
+RETENTION_LOCK = 0x76657276  # "verv"
+TRY_RETENTION_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
+DELETE_OLD_IDS = """
+    DELETE FROM verve_ids WHERE window_start < %(cutoff)s AND window_start IN (
+        SELECT window_start FROM verve_windows WHERE unique_ids IS NOT NULL AND window_start < %(cutoff)s
+    )
+"""
+DELETE_OLD_ENDPOINTS = "DELETE FROM verve_endpoints WHERE window_start < %s"
+DELETE_OLD_REPORTS = "DELETE FROM verve_windows WHERE window_start < %s AND unique_ids IS NOT NULL"

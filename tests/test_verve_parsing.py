@@ -1,0 +1,132 @@
+"""The verve request path and helpers as pure functions: query, id and endpoint parsing, the journal codec, the
+callback target checks and URLs. No server, no database."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from fastcount.features.verve.accept import (
+    FAILED,
+    OK,
+    OVERLOADED,
+    PendingIds,
+    parse_endpoint,
+    parse_id,
+    parse_query,
+)
+from fastcount.features.verve.callbacks import callback_url, refusal
+from fastcount.features.verve.outbox import report_message
+from fastcount.features.verve.reporter import Reporter, iso
+from fastcount.features.verve.settings import VerveSettings, parse_allow_list
+
+
+def test_query_takes_id_and_endpoint_and_ignores_the_rest() -> None:
+    assert parse_query(b"id=5") == (b"5", None, True)
+    assert parse_query(b"x=1&id=5&endpoint=http://a/&y") == (b"5", b"http://a/", True)
+    assert parse_query(b"idx=5") == (None, None, True)
+    assert parse_query(b"") == (None, None, True)
+    assert parse_query(b"id=1&id=2")[2] is False
+    assert parse_query(b"id=1&endpoint=http://a/&endpoint=http://b/")[2] is False
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        (b"0", 0),
+        (b"42", 42),
+        (b"-42", -42),
+        (b"007", 7),
+        (b"9223372036854775807", 2**63 - 1),
+        (b"-9223372036854775808", -(2**63)),
+    ],
+)
+def test_ids_in_range_parse(raw: bytes, value: int) -> None:
+    assert parse_id(raw) == value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"-", b"+5", b" 5", b"5 ", b"1_000", b"1e3", b"0x10", b"1.0", b"9223372036854775808",
+     b"-9223372036854775809", b"99999999999999999999", b"%35", "٣".encode(), b"abc"],
+)  # fmt: skip
+def test_bad_ids_are_refused(raw: bytes) -> None:
+    assert parse_id(raw) is None
+
+
+def test_endpoints() -> None:
+    assert parse_endpoint(b"http://example.com/cb") == "http://example.com/cb"
+    assert parse_endpoint(b"https%3A%2F%2Fexample.com%2Fcb%3Fa%3D1%26b%3D2") == "https://example.com/cb?a=1&b=2"
+    assert parse_endpoint(b"HTTP://Example.com") == "HTTP://Example.com"
+    assert parse_endpoint(b"http://h/" + b"a" * (2048 - 9)) is not None
+    for bad in [b"", b"ftp://example.com/", b"example.com/cb", b"http://", b"http:///path", b"http://a b/",
+                b"http%3A%2F%2Fa%20b", b"http://a/%00", b"http://a/%ff", b"//example.com", b"javascript:alert(1)",
+                b"http://h/" + b"a" * (2048 - 8)]:  # fmt: skip
+        assert parse_endpoint(bad) is None, bad
+
+
+def test_a_buffer_dedups_per_window_bounds_pending_and_replays_its_journal_records() -> None:
+    ids = PendingIds(window_seconds=10, max_pending=3, max_endpoints=1, flush_max_keys=100)
+    records: list[bytes] = []
+
+    class Recorder:
+        def append(self, record: bytes) -> bool:
+            records.append(record)
+            return True
+
+    ids.journal = Recorder()  # type: ignore[assignment]
+    assert ids.add(1, "http://a/", 100.0) is OK
+    assert ids.add(1, None, 101.0) is OK  # a duplicate: no journal record
+    assert ids.add(2, "http://b/", 102.0) is OK  # past max_endpoints: id counted, endpoint dropped
+    assert ids.add(1, None, 111.0) is OK  # the next window: 1 is new there
+    assert ids.add(3, None, 112.0) is OVERLOADED  # three ids pending
+    assert (ids.accepted, ids.duplicates, ids.endpoints_dropped) == (3, 1, 1)
+    assert len(records) == 3
+    batch = ids.take()
+    assert batch == ({100: [1, 2], 110: [1]}, {100: ["http://a/"]})
+    assert ids.replay(records) == batch
+    assert ids.replay([ids.snapshot(), b"R\x01"]) == ({}, {})  # nothing pending now; a torn record is skipped
+    assert ids.add(3, None, 112.0) is OVERLOADED  # the taken batch still counts until acknowledged
+    ids.acknowledge()
+    assert ids.add(3, None, 112.0) is OK
+    assert ids.replay([ids.snapshot()]) == ({110: [3]}, {})
+    assert ids.split(batch) == [({100: [1, 2]}, {}), ({110: [1]}, {100: ["http://a/"]})]
+    assert FAILED.status == 400 and OVERLOADED.status == 503 and OK.body == b"ok"
+
+
+def test_refused_callback_targets() -> None:
+    everything = parse_allow_list("")
+    ip = ipaddress.ip_address
+    assert refusal("h", [ip("93.184.216.34")], everything) is None
+    assert refusal("h", [ip("169.254.169.254")], everything) is not None
+    assert refusal("h", [ip("93.184.216.34"), ip("fe80::1")], everything) is not None  # every address counts
+    assert refusal("h", [ip("::ffff:169.254.169.254")], everything) is not None
+    assert refusal("h", [], everything) is not None
+    allow = parse_allow_list("hooks.example.com, 10.0.0.0/8")
+    assert refusal("hooks.example.com", [ip("93.184.216.34")], allow) is None
+    assert refusal("other", [ip("10.1.2.3")], allow) is None
+    assert refusal("other", [ip("10.1.2.3"), ip("11.0.0.1")], allow) is not None
+    assert refusal("hooks.example.com", [ip("169.254.169.254")], allow) is not None  # allowed host, metadata address
+    with pytest.raises(ValueError):
+        parse_allow_list("10.0.0.0/33")
+    with pytest.raises(ValueError):
+        VerveSettings(verve_callback_method="put")
+
+
+def test_callback_urls_and_kafka_messages() -> None:
+    assert callback_url("http://a/cb", 5) == "http://a/cb?count=5"
+    assert callback_url("http://a/cb?x=1", 5) == "http://a/cb?x=1&count=5"
+    assert callback_url("http://a/cb?x=1#frag", 0) == "http://a/cb?x=1&count=0"
+    assert callback_url("http://a/cb?", 2) == "http://a/cb?count=2"
+    key, value = report_message(1795514700, 60, 48211)
+    assert key == b"2026-11-24T10:05:00Z" == iso(1795514700).encode()
+    assert value == (
+        b'{"window_start":"2026-11-24T10:05:00Z","window_start_unix":1795514700,"window_seconds":60,"unique_ids":48211}'
+    )
+
+
+def test_due_windows_wait_for_the_grace_period(tmp_path: object) -> None:
+    reporter = Reporter("me", 60, 1.4, 10.0, False, f"{tmp_path}/verve.log", 3600.0, 86400.0)
+    assert reporter.last_due(1201.3) == 1080  # [1140, 1200) closed 1.3 s ago: not yet
+    assert reporter.last_due(1201.4) == 1140
