@@ -184,3 +184,26 @@ def test_statement_timeout_turns_a_hung_flush_into_a_retry_that_counts_once(data
     stats = run(scenario())
     assert database.counts(prefix) == {prefix + "k": 6}
     assert stats.flush_retries >= 1
+
+
+def test_a_refused_key_in_a_copy_sized_batch_leaves_every_other_total_exact(database: Database, prefix: str) -> None:
+    # Bisection writes several parts in one transaction; each part of the COPY path must merge its own rows once.
+    near_max = prefix + "near-max"
+    database.query("INSERT INTO counters (key, value, updated_at) VALUES (%s, %s, now())", (near_max, MAX_BIGINT - 10))
+    existing = {f"{prefix}{i:05d}": 1000 for i in range(0, 3000, 3)}
+    for key, value in existing.items():
+        database.query("INSERT INTO counters (key, value, updated_at) VALUES (%s, %s, now())", (key, value))
+    batch = {f"{prefix}{i:05d}": i + 1 for i in range(3000)}  # above COPY_THRESHOLD: the COPY path
+    batch[near_max] = 11
+
+    async def scenario() -> None:
+        counts = PendingCounts(10_000, 10_000)
+        flusher = Flusher(database.dsn, [counts], 0.1, f"test/{prefix}", WorkerStats())
+        counts.add_all(list(batch.items()), b"{}")
+        flusher.start()
+        await flusher.stop()
+
+    run(scenario())
+    expected = {key: value + existing.get(key, 0) for key, value in batch.items()}
+    expected[near_max] = MAX_BIGINT - 10
+    assert database.counts(prefix) == expected

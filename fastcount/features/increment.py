@@ -54,9 +54,12 @@ CREATE_STAGING = """
     CREATE TEMP TABLE IF NOT EXISTS fastcount_increment_staging (key text NOT NULL, value bigint NOT NULL)
     ON COMMIT DELETE ROWS
 """
+# Consumes the staging rows (DELETE ... RETURNING): a transaction that writes several batches (the flusher isolating a
+# refused row under savepoints) must never merge one batch's rows twice.
 UPSERT_FROM_STAGING = """
+    WITH staged AS (DELETE FROM fastcount_increment_staging RETURNING key, value)
     INSERT INTO counters AS c (key, value, updated_at)
-    SELECT key, value, now() FROM fastcount_increment_staging
+    SELECT key, value, now() FROM staged
     ORDER BY key COLLATE "C"
     ON CONFLICT (key) DO UPDATE SET value = c.value + EXCLUDED.value, updated_at = EXCLUDED.updated_at
 """
