@@ -190,10 +190,12 @@ def test_a_refused_key_in_a_copy_sized_batch_leaves_every_other_total_exact(data
     # Bisection writes several parts in one transaction; each part of the COPY path must merge its own rows once.
     near_max = prefix + "near-max"
     database.query("INSERT INTO counters (key, value, updated_at) VALUES (%s, %s, now())", (near_max, MAX_BIGINT - 10))
-    existing = {f"{prefix}{i:05d}": 1000 for i in range(0, 3000, 3)}
-    for key, value in existing.items():
-        database.query("INSERT INTO counters (key, value, updated_at) VALUES (%s, %s, now())", (key, value))
-    batch = {f"{prefix}{i:05d}": i + 1 for i in range(3000)}  # above COPY_THRESHOLD: the COPY path
+    existing = {f"{prefix}{i:05d}": 1000 for i in range(0, 9000, 3)}
+    database.query(
+        "INSERT INTO counters (key, value, updated_at) SELECT unnest(%s::text[]), unnest(%s::bigint[]), now()",
+        (list(existing), list(existing.values())),
+    )
+    batch = {f"{prefix}{i:05d}": i + 1 for i in range(9000)}  # halves and quarters still take the COPY path
     batch[near_max] = 11
 
     async def scenario() -> None:
