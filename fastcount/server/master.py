@@ -46,7 +46,8 @@ from fastcount.store.journal import recover
 log = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD)
-HEARTBEAT_TIMEOUT = 30.0  # seconds a serving worker may go without a snapshot before it is killed
+# Seconds a serving worker may go without a snapshot before it is killed (the variable is for tests: 30 s is long).
+HEARTBEAT_TIMEOUT = float(os.environ.get("FASTCOUNT_HEARTBEAT_TIMEOUT", "30"))
 BOOT_TIMEOUT = 60.0  # seconds a new worker may take to start serving
 RESPAWN_FIRST_DELAY = 0.5
 RESPAWN_MAX_DELAY = 30.0

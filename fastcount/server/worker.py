@@ -47,7 +47,11 @@ MSG_READY = b"R\n"
 MSG_JOURNALS_RECOVERED = b"J\n"  # every batch of the dead workers' journals we were given is committed
 CONFIG_ENV = "FASTCOUNT_WORKER_CONFIG"  # settings, DSN and application, as JSON, from the master
 MAX_UNSENT = 1 << 20  # bytes of status messages kept while the master does not read
-TICK_ERROR_LOG_EVERY = 60.0  # seconds: a tick that keeps failing is logged once a minute, and survived
+TICK_ERROR_LOG_EVERY = 60.0
+# Test-only fault injection: every stats snapshot raises, as a bug in a feature's metrics would. Unset in production.
+FAILPOINT_PUBLISH_ENV = (
+    "FASTCOUNT_FAILPOINT_PUBLISH_RAISES"  # seconds: a tick that keeps failing is logged once a minute, and survived
+)
 
 
 class Application(Protocol):
@@ -101,6 +105,7 @@ class Worker:
         self.tick_failed_at = -math.inf
         self.unsent = bytearray()  # status messages the pipe has not taken yet
         self.described: set[str] = set()  # metric names whose help text the master has been sent
+        self.publish_raises = bool(os.environ.get(FAILPOINT_PUBLISH_ENV))
 
     def run(self, serve: bool = True) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -155,7 +160,10 @@ class Worker:
         await asyncio.gather(*jobs, return_exceptions=True)
         await app.stop()
         tick_task.cancel()
-        self._publish(state, app)  # the last snapshot: the master keeps these counts after we are gone
+        try:
+            self._publish(state, app)  # the last snapshot: the master keeps these counts after we are gone
+        except Exception:
+            log.exception("event=last_snapshot_failed slot=%d", self.slot)
         log.info("event=worker_stopped slot=%d requests=%d flushes=%d", self.slot, stats.requests, stats.flushes)
         return EXIT_OK
 
@@ -223,6 +231,8 @@ class Worker:
                 self.stop_requested.set()
 
     def _publish(self, state: ServerState, app: Application) -> None:
+        if self.publish_raises:
+            raise RuntimeError("injected failure: publishing stats")
         state.renderer.tick()  # also moves the counts of cached answers into each route's totals
         answers = {route.name: route.answers for route in state.router.routes if route.answers}
         gauges: dict[str, float] = {"connections_open": len(state.connections)}
