@@ -96,15 +96,11 @@ def run_mode(mode: str, duration: int) -> tuple[float, float]:
     try:
         time.sleep(1.0)
         before = cpu_seconds(server.pid)
-        wrk = subprocess.run(
-            [
-                "taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{duration}s", "-H", "Connection: close",
-                f"http://127.0.0.1:{port}/",
-            ],  # fmt: skip
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        command = [
+            "taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{duration}s", "-H", "Connection: close",
+            f"http://127.0.0.1:{port}/",
+        ]  # fmt: skip
+        wrk = subprocess.run(command, capture_output=True, text=True, check=True)
         used = cpu_seconds(server.pid) - before
     finally:
         server.terminate()

@@ -89,15 +89,11 @@ def main() -> int:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"server did not start:\n{log_path.read_text(errors='replace')}")
                 time.sleep(0.1)
-            wrk = subprocess.run(
-                [
-                    "wrk", "-t2", f"-c{args.connections}", f"-d{args.duration}s", "--latency",
-                    "-s", str(BENCH / args.script), f"http://127.0.0.1:{port}",
-                ],  # fmt: skip
-                capture_output=True,
-                text=True,
-                check=True,
-            )
+            load = [
+                "wrk", "-t2", f"-c{args.connections}", f"-d{args.duration}s", "--latency",
+                "-s", str(BENCH / args.script), f"http://127.0.0.1:{port}",
+            ]  # fmt: skip
+            wrk = subprocess.run(load, capture_output=True, text=True, check=True)
             time.sleep(2)  # a flush or two after the load, so the metrics show the end state
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).read().decode()
         finally:
