@@ -59,6 +59,12 @@ class Settings:
     read_timeout: float = _knob(10.0, "seconds a client may take to send one request's headers and body", minimum=1)
     graceful_timeout: float = _knob(30.0, "seconds the master waits for workers to stop, then kills", minimum=0)
     backlog: int = _knob(4096, "listen backlog of each worker socket (capped by net.core.somaxconn)", minimum=1)
+    max_connections: int = _knob(
+        0,
+        "client connections per worker; at the cap it stops accepting and new ones wait in the listen backlog; "
+        "0: the descriptor limit (RLIMIT_NOFILE) minus 64 kept for PostgreSQL, the journal and the status pipe",
+        minimum=0,
+    )
     reuse_port: bool = _knob(True, "one SO_REUSEPORT socket per worker (false: one socket shared by all workers)")
     tcp_nodelay: bool = _knob(True, "TCP_NODELAY on client connections (answers leave at once)")
     tcp_defer_accept: int = _knob(0, "TCP_DEFER_ACCEPT seconds: wake a worker only once a client sent data", minimum=0)

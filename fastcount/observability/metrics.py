@@ -30,11 +30,22 @@ COUNTERS = {  # snapshot name -> (metric name without _total, help)
         "units (counts, ids, events) PostgreSQL refused for good, parked in fastcount_dead_letters",
     ),
     "cpu_seconds": ("fastcount_worker_cpu_seconds", "CPU time of the worker process"),
+    "accept_pauses": (
+        "fastcount_http_accept_pauses",
+        "times the worker reached --max-connections and stopped accepting (new connections wait in the backlog)",
+    ),
+}
+# The core's labelled series travel like the features' ones (name{label="value"}); their help texts live here.
+LABELLED_HELP = {
+    "http_accept_errors": "accept() calls that failed, by errno (EMFILE: raise LimitNOFILE; ENFILE: fs.file-max)",
 }
 GAUGES = {
     "connections_open": ("fastcount_http_connections_open", "client connections open now"),
     "resident_memory_bytes": ("fastcount_worker_resident_memory_bytes", "resident memory of the worker process"),
     "open_fds": ("fastcount_worker_open_fds", "open file descriptors of the worker process"),
+    "fd_limit": ("fastcount_worker_fd_limit", "the worker's descriptor limit (soft RLIMIT_NOFILE)"),
+    "max_connections": ("fastcount_http_max_connections", "client connections at which the worker stops accepting"),
+    "accept_paused": ("fastcount_http_accept_paused", "1 while the worker is not accepting (at the cap, after errors)"),
 }
 HISTOGRAMS = {
     "request_seconds": (
@@ -111,7 +122,7 @@ class MetricsBook:
         self.reloads = 0
         self.reloads_aborted = 0
         self.ready_workers = 0
-        self.help_texts: dict[str, str] = {}
+        self.help_texts: dict[str, str] = dict(LABELLED_HELP)
         self.journals_pending = 0  # dead workers' journals the master holds until a recovery process commits them
         self.journal_recovery_failures = 0
 

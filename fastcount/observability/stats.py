@@ -18,6 +18,8 @@ REQUEST_SECONDS_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 
 FLUSH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 FLUSH_KEYS_BUCKETS = (1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000, 1_000_000)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# accept() errors that mean a resource ran out; always published (as 0 until they happen), so alerts can rate() them.
+ACCEPT_ERRORS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 
 
 class Histogram:
@@ -38,6 +40,8 @@ class Histogram:
 
 class WorkerStats:
     __slots__ = (
+        "accept_errors",
+        "accept_pauses",
         "bytes_received",
         "bytes_sent",
         "connections_closed",
@@ -64,6 +68,8 @@ class WorkerStats:
         self.flush_retries = 0
         self.flushed_rows = 0
         self.dead_letters = 0
+        self.accept_pauses = 0  # times the worker reached --max-connections and stopped accepting
+        self.accept_errors: dict[str, int] = dict.fromkeys(ACCEPT_ERRORS, 0)  # errno name -> failed accept() calls
         self.request_seconds = Histogram(REQUEST_SECONDS_BUCKETS)
         self.flush_seconds = Histogram(FLUSH_SECONDS_BUCKETS)
         self.flush_keys = Histogram(FLUSH_KEYS_BUCKETS)
@@ -89,6 +95,8 @@ class WorkerStats:
                 "flush_retries": self.flush_retries,
                 "flushed_rows": self.flushed_rows,
                 "dead_letters": self.dead_letters,
+                "accept_pauses": self.accept_pauses,
+                **{f'http_accept_errors{{errno="{name}"}}': count for name, count in self.accept_errors.items()},
                 "cpu_seconds": time.process_time(),
                 **(counters or {}),
             },

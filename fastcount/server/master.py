@@ -23,6 +23,7 @@ import dataclasses
 import errno
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -134,6 +135,25 @@ def somaxconn() -> int | None:
         return None
 
 
+def raise_fd_limit() -> None:
+    """Every client connection is a descriptor: take the soft RLIMIT_NOFILE up to the hard limit (a desktop's `ulimit
+    -n` is often 1024 under a far higher hard limit). Workers inherit it; each logs the limit it runs with."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # Linux refuses an infinite NOFILE; its ceiling is fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as nr_open:
+                hard = int(nr_open.read())
+        except (OSError, ValueError):
+            hard = soft
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        except (OSError, ValueError) as error:
+            log.warning("event=fd_limit_not_raised soft=%d hard=%d error=%r", soft, hard, str(error))
+            return
+        log.info("event=fd_limit_raised from=%d to=%d", soft, hard)
+
+
 def _in_use(what: str, host: str, port: int) -> MasterError:
     return MasterError(
         f"{what} port {port} on {host} is already in use: another fastcount (or another server) is probably "
@@ -231,6 +251,7 @@ class Master:
     # -- the main loop ----------------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        raise_fd_limit()  # before the first fork: workers inherit it
         self.listen()
         self.install_signals()
         try:

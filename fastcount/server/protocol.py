@@ -23,6 +23,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -62,7 +63,10 @@ class ConnectionLimits:
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("connections", "limits", "renderer", "router", "stats", "stopping", "watched_header_lengths")
+    __slots__ = (
+        "connection_closed", "connections", "limits", "renderer", "router", "stats", "stopping",
+        "watched_header_lengths",
+    )  # fmt: skip
 
     def __init__(self, router: Router, limits: ConnectionLimits, stats: WorkerStats) -> None:
         self.router = router
@@ -71,6 +75,7 @@ class ServerState:
         self.stats = stats
         self.connections: set[HttpProtocol] = set()
         self.stopping = False
+        self.connection_closed: Callable[[], None] | None = None  # the worker's accept loop counts connections
         # Header names the protocol looks at; a name of another length is only measured, never lower-cased.
         watched = {b"content-length", b"transfer-encoding", b"expect", b"upgrade", *router.wanted_headers}
         self.watched_header_lengths = frozenset(len(name) for name in watched)
@@ -179,8 +184,11 @@ class HttpProtocol(asyncio.Protocol):
         self.state.stats.connections_opened += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state.connections.discard(self)
-        self.state.stats.connections_closed += 1
+        state = self.state
+        state.connections.discard(self)
+        state.stats.connections_closed += 1
+        if state.connection_closed is not None:  # its descriptor is free again: the worker may accept another
+            state.connection_closed()
         self.publish_counts()
         self.closing = True
         self.unparsed = None

@@ -5,6 +5,10 @@ descriptors: its slot's listening socket and the write end of its status pipe. A
 SIGHUP reload bring in new code, and it shares nothing with the master by accident. Over the pipe the worker says
 "R" once it serves and sends a stats snapshot every second (which is also its heartbeat).
 
+Connections are accepted by the worker's own loop (`Acceptor`), not by uvloop's server: that is what lets a worker
+stop accepting at --max-connections (new connections wait in the socket's backlog, which the master keeps open) and
+survive accept() errors such as EMFILE without resetting the connections queued behind them.
+
 SIGTERM means stop gracefully: stop accepting, answer what is in flight, close quiet connections, flush everything,
 send a last snapshot, exit 0. SIGINT is ignored: a Ctrl-C reaches the whole process group, and the master turns it
 into an orderly SIGTERM.
@@ -15,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import importlib
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -47,11 +53,24 @@ MSG_READY = b"R\n"
 MSG_JOURNALS_RECOVERED = b"J\n"  # every batch of the dead workers' journals we were given is committed
 CONFIG_ENV = "FASTCOUNT_WORKER_CONFIG"  # settings, DSN and application, as JSON, from the master
 MAX_UNSENT = 1 << 20  # bytes of status messages kept while the master does not read
-TICK_ERROR_LOG_EVERY = 60.0
+TICK_ERROR_LOG_EVERY = 60.0  # seconds: a tick that keeps failing is logged once a minute, and survived
 # Test-only fault injection: every stats snapshot raises, as a bug in a feature's metrics would. Unset in production.
-FAILPOINT_PUBLISH_ENV = (
-    "FASTCOUNT_FAILPOINT_PUBLISH_RAISES"  # seconds: a tick that keeps failing is logged once a minute, and survived
-)
+FAILPOINT_PUBLISH_ENV = "FASTCOUNT_FAILPOINT_PUBLISH_RAISES"
+# Descriptors a worker keeps for everything but clients: a PostgreSQL connection per flusher lane (3 buffers) and
+# their reconnects, the read pool (2), the features' background connections, Kafka and callback sockets, the
+# journal, the status pipe, the listening socket, the event loop's own. Counted generously: running out of them
+# is what stops the flusher.
+FD_RESERVE = 64
+ACCEPT_BATCH = 64  # connections accepted per wake-up at most, so a flood of them cannot starve the requests
+ACCEPT_BACKOFF = 0.1  # seconds without accepting after accept() failed for want of a resource
+ACCEPT_LOG_EVERY = 10.0  # seconds: the cap reached, or accept() failing, is logged at most this often
+ACCEPT_HINTS = {
+    "EMFILE": "the worker's descriptor limit is used up: raise LimitNOFILE= (systemd) or ulimit -n, "
+    "or lower --max-connections",
+    "ENFILE": "the system's open-file limit is used up: raise fs.file-max (systemd/sysctl.d/60-fastcount.conf)",
+    "ENOBUFS": "the kernel is short of socket memory: check free memory and net.ipv4.tcp_mem",
+    "ENOMEM": "the kernel is short of memory: check free memory and net.ipv4.tcp_mem",
+}
 
 
 class Application(Protocol):
@@ -106,6 +125,7 @@ class Worker:
         self.unsent = bytearray()  # status messages the pipe has not taken yet
         self.described: set[str] = set()  # metric names whose help text the master has been sent
         self.publish_raises = bool(os.environ.get(FAILPOINT_PUBLISH_ENV))
+        self.acceptor: Acceptor | None = None
 
     def run(self, serve: bool = True) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -140,19 +160,34 @@ class Worker:
             tcp_nodelay=settings.tcp_nodelay,
         )
         state = ServerState(Router(app.routes()), limits, stats)
-        # backlog= matters: without it asyncio (and uvloop) re-listen the inherited socket with a backlog of 100.
         assert self.sock is not None, "a serving worker inherits its slot's socket"
-        server = await loop.create_server(lambda: HttpProtocol(state), sock=self.sock, backlog=settings.backlog)
+        # listen() again: it puts a slot the master took out of the SO_REUSEPORT group (no worker booted) back in.
+        self.sock.listen(settings.backlog)
+        fd_limit = descriptor_limit()
+        max_connections = connection_cap(settings.max_connections, fd_limit)
+        if max_connections > fd_limit - FD_RESERVE:
+            log.warning(
+                "event=max_connections_above_fd_limit slot=%d max_connections=%d fd_limit=%d reserve=%d "
+                "hint='accepts will fail with EMFILE and the flusher may not reconnect; raise LimitNOFILE= (or "
+                "ulimit -n) to at least %d, or lower --max-connections'",
+                self.slot,
+                max_connections,
+                fd_limit,
+                FD_RESERVE,
+                max_connections + FD_RESERVE,
+            )
+        acceptor = self.acceptor = Acceptor(self.sock, state, max_connections, fd_limit, self.slot)
+        acceptor.start()
         tick_task = asyncio.create_task(self._tick(state, app), name="tick")
         jobs = [asyncio.create_task(job(), name=getattr(job, "__name__", "job")) for job in app.background()]
         self.ready = True
         self._tell_master(MSG_READY)
-        log.info("event=worker_serving slot=%d", self.slot)
+        log.info("event=worker_serving slot=%d fd_limit=%d max_connections=%d", self.slot, fd_limit, max_connections)
 
         await self.stop_requested.wait()
         log.info("event=worker_stopping slot=%d connections=%d", self.slot, len(state.connections))
         state.stopping = True
-        server.close()  # closes only this process's copy of the socket: the master's and a successor's stay open
+        acceptor.close()
         while state.connections:  # the tick closes each connection once it has answered or gone quiet
             await asyncio.sleep(0.05)
         for job in jobs:
@@ -236,6 +271,10 @@ class Worker:
         state.renderer.tick()  # also moves the counts of cached answers into each route's totals
         answers = {route.name: route.answers for route in state.router.routes if route.answers}
         gauges: dict[str, float] = {"connections_open": len(state.connections)}
+        if self.acceptor is not None:
+            gauges["fd_limit"] = self.acceptor.fd_limit
+            gauges["max_connections"] = self.acceptor.max_connections
+            gauges["accept_paused"] = int(self.acceptor.paused)
         counters: dict[str, float] = {}
         help_texts: dict[str, str] = {}  # sent once per series name: snapshots stay small
         for metric in app.metrics():
@@ -261,6 +300,169 @@ class Worker:
         if len(self.unsent) > MAX_UNSENT:  # the master is not reading: keep the newest whole messages only
             cut = self.unsent.find(b"\n", len(self.unsent) - MAX_UNSENT)
             del self.unsent[: cut + 1 if cut != -1 else len(self.unsent)]
+
+
+def descriptor_limit() -> int:
+    """The soft RLIMIT_NOFILE this process runs with (the master raised it to the hard limit before forking)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connection_cap(configured: int, fd_limit: int) -> int:
+    """--max-connections, or with 0 what the descriptor limit allows once FD_RESERVE is set aside (at least 1)."""
+    return configured or max(1, fd_limit - FD_RESERVE)
+
+
+def open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+class Acceptor:
+    """Accepts the slot's connections while fewer than `max_connections` are open.
+
+    At the cap it stops watching the listening socket: new connections complete their handshake and wait in the
+    socket's backlog (the master keeps the socket, so nothing resets them) until a connection closes. An accept()
+    that fails for want of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM) leaves the connection queued too; the worker
+    counts it, stops accepting for ACCEPT_BACKOFF instead of spinning on a socket that stays readable, and says
+    what to raise at most once per ACCEPT_LOG_EVERY. uvloop's own server could do neither: it cannot pause, and on
+    EMFILE libuv accepts and closes every queued connection to drain the backlog.
+    """
+
+    def __init__(self, sock: socket.socket, state: ServerState, max_connections: int, fd_limit: int, slot: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.state = state
+        self.stats = state.stats
+        self.max_connections = max_connections
+        self.fd_limit = fd_limit
+        self.slot = slot
+        self.open = 0  # accepted and not yet lost: counted from accept(), before uvloop makes the transport
+        self.reading = False
+        self.closed = False
+        self.backoff: asyncio.TimerHandle | None = None
+        self.adopting: set[asyncio.Task[Any]] = set()
+        self.capped_since_log = 0
+        self.capped_logged_at = -math.inf
+        self.errors_since_log: dict[str, int] = {}
+        self.errors_logged_at = -math.inf
+
+    @property
+    def paused(self) -> bool:
+        return not self.reading and not self.closed
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        state = self.state
+        state.connection_closed = self.connection_closed
+        self._resume()
+
+    def close(self) -> None:
+        """Stop accepting for good (the worker stops); connections already accepted carry on."""
+        self.closed = True
+        self._stop_reading()
+        if self.backoff is not None:
+            self.backoff.cancel()
+            self.backoff = None
+        self.sock.close()  # this process's copy only: the master's and a successor's stay open
+
+    def connection_closed(self) -> None:
+        self.open -= 1
+        if not self.reading and self.backoff is None and not self.closed and self.open < self.max_connections:
+            self._resume()
+
+    def _resume(self) -> None:
+        self.backoff = None
+        if self.closed or self.reading:
+            return
+        self.loop.add_reader(self.fd, self._accept_ready)
+        self.reading = True
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.open >= self.max_connections:
+                self._reach_cap()
+                return
+            try:
+                client, _address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:  # the client gave up while queued: nothing to do
+                continue
+            except OSError as error:
+                self._accept_failed(error)
+                return
+            self.open += 1
+            task = self.loop.create_task(self.loop.connect_accepted_socket(self._protocol, client))
+            self.adopting.add(task)
+            task.add_done_callback(self._adopted)
+
+    def _protocol(self) -> HttpProtocol:
+        return HttpProtocol(self.state)
+
+    def _adopted(self, task: asyncio.Task[Any]) -> None:
+        """connect_accepted_socket failed before the protocol saw the connection: it will never report it lost."""
+        self.adopting.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.warning("event=connection_setup_failed slot=%d error=%r", self.slot, str(task.exception()))
+            self.connection_closed()
+
+    def _reach_cap(self) -> None:
+        self._stop_reading()
+        self.stats.accept_pauses += 1
+        self.capped_since_log += 1
+        now = time.monotonic()
+        if now - self.capped_logged_at >= ACCEPT_LOG_EVERY:
+            self.capped_logged_at = now
+            log.warning(
+                "event=max_connections_reached slot=%d connections=%d max_connections=%d fd_limit=%d times=%d "
+                "hint='new connections wait in the listen backlog until others close; raise LimitNOFILE= (or "
+                "ulimit -n) and --max-connections, or add workers'",
+                self.slot,
+                self.open,
+                self.max_connections,
+                self.fd_limit,
+                self.capped_since_log,
+            )
+            self.capped_since_log = 0
+
+    def _accept_failed(self, error: OSError) -> None:
+        name = errno.errorcode.get(error.errno or 0, str(error.errno))
+        self.stats.accept_errors[name] = self.stats.accept_errors.get(name, 0) + 1
+        self.errors_since_log[name] = self.errors_since_log.get(name, 0) + 1
+        self._stop_reading()
+        self.backoff = self.loop.call_later(ACCEPT_BACKOFF, self._resume_after_backoff)
+        now = time.monotonic()
+        if now - self.errors_logged_at >= ACCEPT_LOG_EVERY:
+            self.errors_logged_at = now
+            log.error(
+                "event=accept_failed slot=%d errno=%s errors=%s connections=%d max_connections=%d fd_limit=%d "
+                "open_fds=%d action=retry_in_%.1fs hint=%r",
+                self.slot,
+                name,
+                ",".join(f"{key}:{count}" for key, count in sorted(self.errors_since_log.items())),
+                self.open,
+                self.max_connections,
+                self.fd_limit,
+                open_descriptors(),
+                ACCEPT_BACKOFF,
+                ACCEPT_HINTS.get(name, str(error.strerror)),
+            )
+            self.errors_since_log.clear()
+
+    def _resume_after_backoff(self) -> None:
+        self.backoff = None
+        if self.open < self.max_connections:
+            self._resume()
 
 
 def worker_config(settings: Settings, dsn: str, application: str) -> str:
