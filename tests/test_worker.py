@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+
+import pytest
+
+from fastcount.observability.stats import WorkerStats
+from fastcount.server import worker as worker_module
 
 from conftest import StartServer
 from httpclient import request
@@ -26,3 +32,20 @@ def test_an_error_in_every_stats_snapshot_is_logged_once_and_the_heartbeat_goes_
     assert "event=worker_unresponsive" not in server.log
     assert server.log.count("event=tick_failed") == 1, "logged once a minute, not every second"
     assert request(server.port, "POST", "/increment", {"key": prefix + "a", "value": 1})[0] == 202
+
+
+def test_a_background_job_that_fails_is_counted_and_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "JOB_FIRST_DELAY", 0.01)
+    runs: list[int] = []
+
+    async def flaky_report_job() -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("a report that failed")
+
+    stats = WorkerStats()
+    worker = worker_module.Worker.__new__(worker_module.Worker)
+    worker.slot = 0
+    asyncio.run(asyncio.wait_for(worker._supervise(flaky_report_job, stats), 10))
+    assert len(runs) == 3, "started again after each failure, until it finished"
+    assert stats.background_job_failures == 2

@@ -25,6 +25,10 @@ COUNTERS = {  # snapshot name -> (metric name without _total, help)
     "flush_errors": ("fastcount_flush_errors", "flush attempts that failed (the batch is retried)"),
     "flush_retries": ("fastcount_flush_retries", "retries scheduled after a failed flush"),
     "flushed_rows": ("fastcount_flush_rows", "rows written by flushes"),
+    "background_job_failures": (
+        "fastcount_background_job_failures",
+        "features' background jobs (window reports, callbacks, retention) that failed and were started again",
+    ),
     "dead_letters": (
         "fastcount_dead_letters",
         "units (counts, ids, events) PostgreSQL refused for good, parked in fastcount_dead_letters",

@@ -42,6 +42,7 @@ class WorkerStats:
     __slots__ = (
         "accept_errors",
         "accept_pauses",
+        "background_job_failures",
         "bytes_received",
         "bytes_sent",
         "connections_closed",
@@ -68,6 +69,7 @@ class WorkerStats:
         self.flush_retries = 0
         self.flushed_rows = 0
         self.dead_letters = 0
+        self.background_job_failures = 0
         self.accept_pauses = 0  # times the worker reached --max-connections and stopped accepting
         self.accept_errors: dict[str, int] = dict.fromkeys(ACCEPT_ERRORS, 0)  # errno name -> failed accept() calls
         self.request_seconds = Histogram(REQUEST_SECONDS_BUCKETS)
@@ -95,6 +97,7 @@ class WorkerStats:
                 "flush_retries": self.flush_retries,
                 "flushed_rows": self.flushed_rows,
                 "dead_letters": self.dead_letters,
+                "background_job_failures": self.background_job_failures,
                 "accept_pauses": self.accept_pauses,
                 **{f'http_accept_errors{{errno="{name}"}}': count for name, count in self.accept_errors.items()},
                 "cpu_seconds": time.process_time(),

@@ -53,6 +53,8 @@ MSG_READY = b"R\n"
 MSG_JOURNALS_RECOVERED = b"J\n"  # every batch of the dead workers' journals we were given is committed
 CONFIG_ENV = "FASTCOUNT_WORKER_CONFIG"  # settings, DSN and application, as JSON, from the master
 MAX_UNSENT = 1 << 20  # bytes of status messages kept while the master does not read
+JOB_FIRST_DELAY = 1.0  # seconds before a failed background job starts again (doubling, up to JOB_MAX_DELAY)
+JOB_MAX_DELAY = 60.0
 TICK_ERROR_LOG_EVERY = 60.0  # seconds: a tick that keeps failing is logged once a minute, and survived
 # Test-only fault injection: every stats snapshot raises, as a bug in a feature's metrics would. Unset in production.
 FAILPOINT_PUBLISH_ENV = "FASTCOUNT_FAILPOINT_PUBLISH_RAISES"
@@ -179,7 +181,10 @@ class Worker:
         acceptor = self.acceptor = Acceptor(self.sock, state, max_connections, fd_limit, self.slot)
         acceptor.start()
         tick_task = asyncio.create_task(self._tick(state, app), name="tick")
-        jobs = [asyncio.create_task(job(), name=getattr(job, "__name__", "job")) for job in app.background()]
+        jobs = [
+            asyncio.create_task(self._supervise(job, stats), name=getattr(job, "__name__", "job"))
+            for job in app.background()
+        ]
         self.ready = True
         self._tell_master(MSG_READY)
         log.info("event=worker_serving slot=%d fd_limit=%d max_connections=%d", self.slot, fd_limit, max_connections)
@@ -201,6 +206,24 @@ class Worker:
             log.exception("event=last_snapshot_failed slot=%d", self.slot)
         log.info("event=worker_stopped slot=%d requests=%d flushes=%d", self.slot, stats.requests, stats.flushes)
         return EXIT_OK
+
+    async def _supervise(self, job: Callable[[], Coroutine[Any, Any, None]], stats: WorkerStats) -> None:
+        """Run a feature's background job for the life of the worker: one that fails is logged, counted and started
+        again with back-off, never left dead in silence (a window report that stops is a lost report)."""
+        name = getattr(job, "__qualname__", repr(job))
+        delay = JOB_FIRST_DELAY
+        while True:
+            started = time.monotonic()
+            try:
+                await job()
+                return
+            except Exception:
+                stats.background_job_failures += 1
+                if time.monotonic() - started > JOB_MAX_DELAY:
+                    delay = JOB_FIRST_DELAY  # it ran a good while: not a crash loop
+                log.exception("event=background_job_failed slot=%d job=%s restart_in=%.1fs", self.slot, name, delay)
+                await asyncio.sleep(delay)
+                delay = min(JOB_MAX_DELAY, delay * 2)
 
     async def _recover_only(self) -> int:
         """Commit dead workers' journals and exit: the master runs this beside the live workers, so a journal is
