@@ -61,7 +61,7 @@ PRESETS: dict[str, list[str]] = {
     "fastcount/store/journal.py": [
         "tests/test_journal.py",
         "tests/test_recovery_identity.py",
-        "tests/test_journal_full.py",
+        "tests/test_backpressure.py",
         "tests/test_durability.py::test_sigkill_of_a_worker_loses_nothing_it_answered",
     ],
     "fastcount/server/protocol.py": [
