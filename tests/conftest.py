@@ -1,7 +1,10 @@
 """Shared fixtures: one real PostgreSQL for the session and real fastcount servers started as subprocesses.
 
 PostgreSQL is the embedded one (the same code `fastcount serve` uses), or FASTCOUNT_TEST_DSN when set. Servers run
-`python -m fastcount serve` on an ephemeral port and are stopped (SIGTERM, then SIGKILL) when the test ends.
+`python -m fastcount serve` on an ephemeral port and are stopped (SIGTERM, then SIGKILL) when the test ends. At that
+point the server's log must hold no Traceback and no error event (`level=ERROR`) the test did not declare with
+`expect_errors=(regex, ...)`, and its exit code must be `expect_exit` (0 unless declared): a bug that only shows in
+the log fails the test that provoked it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -75,6 +79,8 @@ class Server:
     log_path: Path
     workers: int
     args: list[str] = field(default_factory=list)
+    expect_errors: tuple[str, ...] = ()  # regexes of error lines this test provokes on purpose
+    expect_exit: int | None = 0  # the master's exit code at teardown; None: the test checks it itself
 
     @property
     def log(self) -> str:
@@ -89,6 +95,15 @@ class Server:
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log}")
             time.sleep(0.05)
         raise AssertionError(f"no {pattern!r} x{count} in server log after {timeout}s:\n{self.log}")
+
+    def unexpected_errors(self) -> list[str]:
+        """Lines of the log that say something went wrong and that the test did not declare."""
+        found = []
+        for line in self.log.splitlines():
+            alarming = "Traceback" in line or re.search(r"level=(ERROR|CRITICAL)", line)
+            if alarming and not any(re.search(pattern, line) for pattern in self.expect_errors):
+                found.append(line)
+        return found
 
     def worker_pids(self) -> list[int]:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
@@ -109,10 +124,19 @@ StartServer = Callable[..., Server]
 
 
 @pytest.fixture
-def start_server(database: Database, tmp_path: Path) -> Iterator[StartServer]:
+def start_server(database: Database, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StartServer]:
+    if "proxied_database" in request.fixturenames:
+        request.getfixturevalue("proxied_database")  # set up first, so the proxy outlives the servers' last flush
     started: list[Server] = []
 
-    def start(*args: str, workers: int = 1, env: dict[str, str] | None = None, dsn: str | None = None) -> Server:
+    def start(
+        *args: str,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        dsn: str | None = None,
+        expect_errors: tuple[str, ...] = (),
+        expect_exit: int | None = 0,
+    ) -> Server:
         port = free_port()
         log_path = tmp_path / f"server-{port}.log"
         command = [
@@ -124,17 +148,118 @@ def start_server(database: Database, tmp_path: Path) -> Iterator[StartServer]:
             process = subprocess.Popen(
                 command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file, env={**os.environ, **(env or {})}
             )
-        server = Server(port, process, log_path, workers, list(args))
+        server = Server(port, process, log_path, workers, list(args), expect_errors, expect_exit)
         started.append(server)
         server.wait_for_log(r"event=serving")
         return server
 
     yield start
+    problems = []
     for server in started:
-        server.stop()
+        code = server.stop()
+        if server.expect_exit is not None and code != server.expect_exit:
+            problems.append(f"server on port {server.port} exited with {code}, expected {server.expect_exit}")
+        problems += [f"server on port {server.port} logged: {line}" for line in server.unexpected_errors()]
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
 @pytest.fixture
 def prefix() -> str:
     """A key prefix no other test uses, so tests can share one database."""
     return f"t{uuid.uuid4().hex[:10]}-"
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll a condition until it holds; the deadline is generous and only bounds a broken run."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.05)
+
+
+class Proxy:
+    """A TCP proxy (to PostgreSQL, say) that a test can cut (close every connection, refuse new ones) and restore."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.closed = False
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                thread = threading.Thread(target=self._pump, args=(source, sink), daemon=True)
+                thread.start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.closed = True
+        self.cut()
+        self.listener.close()
+
+
+@dataclass
+class ProxiedDatabase:
+    """The shared database behind a proxy the test can cut: `dsn` goes through it."""
+
+    dsn: str
+    proxy: Proxy
+
+
+@pytest.fixture
+def proxied_database(database: Database) -> Iterator[ProxiedDatabase]:
+    info = psycopg.conninfo.conninfo_to_dict(database.dsn)
+    proxy = Proxy((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))  # type: ignore[call-overload]
+    try:
+        dsn = psycopg.conninfo.make_conninfo(database.dsn, host="127.0.0.1", port=str(proxy.port))
+        yield ProxiedDatabase(dsn, proxy)
+    finally:
+        proxy.close()

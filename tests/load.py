@@ -22,6 +22,7 @@ class Load:
         self.accepted: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
         self.errors: list[str] = []
+        self.answered = 0  # answers so far, any status (a progress count to wait on; exact totals come at stop)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(seed,), daemon=True) for seed in range(clients)]
@@ -38,6 +39,15 @@ class Load:
         self._stop.set()
         for thread in self._threads:
             thread.join(30)
+
+    def wait_for_answers(self, more: int, timeout: float = 60.0) -> None:
+        """Wait until `more` answers beyond those counted so far have come back (the load is really flowing)."""
+        target = self.answered + more
+        deadline = time.monotonic() + timeout
+        while self.answered < target:
+            assert time.monotonic() < deadline, f"only {self.answered} of {target} answers after {timeout}s"
+            assert any(thread.is_alive() for thread in self._threads), "every client stopped"
+            time.sleep(0.02)
 
     @property
     def requests(self) -> int:
@@ -63,6 +73,8 @@ class Load:
                 time.sleep(0.01)
                 continue
             statuses[response.status] += 1
+            with self._lock:
+                self.answered += 1
             if response.status == 202:
                 accepted[key] += value
             if response.will_close:

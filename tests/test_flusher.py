@@ -87,7 +87,15 @@ def test_a_stalled_lane_does_not_delay_another_lanes_flush(database: Database, p
         flusher.start()
         try:
             rows.pending.append("held")
-            await asyncio.sleep(0.3)  # the rows lane is now blocked inside its transaction
+
+            async def rows_blocked() -> bool:  # its batch taken and its transaction waiting for the lock
+                return flusher.lanes["rows"].in_flight is not None and bool(
+                    database.query(
+                        "SELECT 1 FROM pg_locks WHERE relation = %s::regclass AND NOT granted", (rows_table,)
+                    )
+                )
+
+            await wait_for(rows_blocked)
             counts.add_all([(prefix + "a", 5)], b'{"key":"x","value":5}')
 
             async def counted() -> bool:

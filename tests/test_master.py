@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from conftest import ROOT, Database, StartServer, free_port
@@ -32,13 +31,14 @@ def test_sighup_under_load_fails_no_request_and_counts_exactly(
     server = start_server(workers=2)
     before = set(server.worker_pids())
     with Load(server.port, prefix, keys=100, clients=6) as load:
-        time.sleep(0.5)
-        server.process.send_signal(signal.SIGHUP)
+        load.wait_for_answers(200)
+        server.process.send_signal(signal.SIGHUP)  # while the clients send
         server.wait_for_log(r"event=reload_done generation=1")
-        time.sleep(0.5)
+        load.wait_for_answers(200)
         server.process.send_signal(signal.SIGHUP)
         server.wait_for_log(r"event=reload_done generation=2")
-        time.sleep(0.5)
+        server.wait_for_log(r"event=worker_exited", count=4)  # both generations retired
+        load.wait_for_answers(200)
     assert load.errors == []
     assert set(load.statuses) == {202}
     deadline = time.monotonic() + 15  # retired workers exit once their connections went quiet
@@ -79,7 +79,11 @@ def test_reload_into_code_that_cannot_boot_keeps_the_old_workers(start_server: S
         f"if 'fastcount.server.worker' in sys.orig_argv and os.path.exists({str(broken)!r}):\n"
         "    os._exit(1)\n"
     )
-    server = start_server(workers=2, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    server = start_server(
+        workers=2,
+        env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+        expect_errors=(r"event=reload_aborted generation=1 ", r"event=worker_boot_failed slot=\d pid=\d+ code=1 "),
+    )
     before = set(server.worker_pids())
     broken.touch()
     server.process.send_signal(signal.SIGHUP)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, StartServer, free_port
+from conftest import ROOT, StartServer, free_port, wait_until
 from httpclient import raw, request, statuses
 from load import Load
 
@@ -41,11 +41,16 @@ def test_metrics_have_per_worker_series_that_add_up(start_server: StartServer, p
     for i in range(40):
         assert request(server.port, "POST", "/increment", {"key": f"{prefix}{i}", "value": 1})[0] == 202
     assert request(server.port, "GET", "/nowhere")[0] == 404
-    time.sleep(1.3)  # workers publish on their one-second tick
+
+    def accepted() -> float:
+        answers = scrape(admin).get("fastcount_http_responses_total", {})
+        return sum(v for labels, v in answers.items() if ("route", "increment") in labels and ("code", "202") in labels)
+
+    wait_until(lambda: accepted() >= 40, "workers publish their counts on their one-second tick")
+    wait_until(lambda: "fastcount_flush_duration_seconds_bucket" in scrape(admin), "a flush is observed")
     samples = scrape(admin)
     answers = samples["fastcount_http_responses_total"]
-    accepted = sum(v for labels, v in answers.items() if ("route", "increment") in labels and ("code", "202") in labels)
-    assert accepted == 40
+    assert accepted() == 40
     assert sum(v for labels, v in answers.items() if ("code", "404") in labels) == 1
     assert set(by_worker(samples["fastcount_http_requests_total"])) == {"0", "1"}
     assert sum(by_worker(samples["fastcount_http_requests_total"]).values()) == 41
@@ -63,11 +68,50 @@ def test_metrics_pass_promtool(start_server: StartServer) -> None:
     admin = free_port()
     server = start_server("--admin-port", str(admin))
     request(server.port, "POST", "/increment", {"key": "promtool", "value": 1})
-    time.sleep(1.3)
+    wait_until(lambda: "fastcount_http_requests_total" in scrape(admin), "the worker published its counts")
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
         exposition = response.read()
     result = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_exposition_parses_with_one_help_and_type_per_family_and_consistent_histograms(
+    start_server: StartServer, prefix: str
+) -> None:
+    """Always runs (promtool may be missing): the text format as prometheus_client's own parser reads it."""
+    admin = free_port()
+    server = start_server("--admin-port", str(admin), workers=2)
+    assert request(server.port, "POST", "/increment", {"key": prefix + "a", "value": 1})[0] == 202
+    wait_until(lambda: "fastcount_flush_duration_seconds_bucket" in scrape(admin), "a flush is observed")
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        text = response.read().decode()
+    assert text.endswith("\n")
+    helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")]
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(helps) == len(set(helps)) and sorted(helps) == sorted(types), "one HELP and one TYPE per family"
+    families = list(text_string_to_metric_families(text))
+    assert {family.name for family in families} == {name.removesuffix("_total") for name in types}
+    for family in families:
+        assert family.name.startswith("fastcount_") and family.documentation, family.name
+        assert family.type in ("counter", "gauge", "histogram"), (family.name, family.type)
+        for sample in family.samples:
+            assert (sample.value == sample.value and sample.value >= 0) or family.type == "gauge", sample  # no NaN
+            if family.type == "counter":
+                assert sample.name.endswith(("_total", "_created")), sample.name
+        if family.type == "histogram":
+            series: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
+            counts: dict[tuple[tuple[str, str], ...], float] = {}
+            for sample in family.samples:
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+                if sample.name.endswith("_bucket"):
+                    series.setdefault(labels, []).append((float(sample.labels["le"]), sample.value))
+                elif sample.name.endswith("_count"):
+                    counts[labels] = sample.value
+            for labels, buckets in series.items():
+                values = [value for _, value in sorted(buckets)]
+                assert values == sorted(values), f"{family.name}{labels}: buckets must be cumulative"
+                assert sorted(buckets)[-1][0] == float("inf") and values[-1] == counts[labels], family.name
 
 
 def test_counters_never_go_backwards_across_a_worker_restart(start_server: StartServer, prefix: str) -> None:
@@ -75,12 +119,18 @@ def test_counters_never_go_backwards_across_a_worker_restart(start_server: Start
     server = start_server("--admin-port", str(admin), workers=2)
     for i in range(30):
         request(server.port, "POST", "/increment", {"key": f"{prefix}{i}", "value": 1})
-    time.sleep(1.3)
+
+    def published_requests() -> float:
+        return sum(by_worker(scrape(admin).get("fastcount_http_requests_total", {})).values())
+
+    wait_until(lambda: published_requests() >= 30, "both workers published their counts")
+    wait_until(lambda: sum(by_worker(scrape(admin)["fastcount_flushes_total"]).values()) >= 1, "a flush is counted")
     before = scrape(admin)
     victim = server.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     server.wait_for_log(r"event=worker_ready", count=3)
-    time.sleep(1.3)
+    wait_until(lambda: scrape(admin)["fastcount_worker_restarts_total"][()] == 1, "the restart is counted")
+    wait_until(lambda: scrape(admin)["fastcount_workers_ready"][()] == 2, "the replacement reports")
     after = scrape(admin)
     for name in ("fastcount_http_requests_total", "fastcount_http_sent_bytes_total", "fastcount_flushes_total"):
         for worker, value in by_worker(before[name]).items():
@@ -93,10 +143,10 @@ def test_killed_worker_under_load_is_replaced_and_other_clients_keep_going(
 ) -> None:
     server = start_server(workers=2)
     with Load(server.port, prefix, keys=50, clients=6) as load:
-        time.sleep(0.5)
-        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        load.wait_for_answers(200)
+        os.kill(server.worker_pids()[0], signal.SIGKILL)  # while the clients send
         server.wait_for_log(r"event=worker_ready", count=3)
-        time.sleep(1)
+        load.wait_for_answers(500)
     assert len(load.errors) <= 6, "only connections held by the killed worker may fail"
     assert load.statuses[202] > 500
     assert set(load.statuses) == {202}
