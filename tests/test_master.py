@@ -41,9 +41,6 @@ def test_sighup_under_load_fails_no_request_and_counts_exactly(
         load.wait_for_answers(200)
     assert load.errors == []
     assert set(load.statuses) == {202}
-    deadline = time.monotonic() + 15  # retired workers exit once their connections went quiet
-    while len(server.worker_pids()) > 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
     after = set(server.worker_pids())
     assert len(after) == 2 and not after & before, "every worker was replaced"
     assert server.stop() == 0
