@@ -400,3 +400,21 @@ def test_sigkill_of_a_worker_stores_its_accepted_events_once(
     assert len(rows) == 300
     assert metrics_total(database, name) == 300
     assert database.query("SELECT count(*) FROM events WHERE event_name = %s", (name,)) == [(300,)]
+
+
+def test_same_event_id_on_two_utc_days_stored_twice_in_one_flush_and_first_content_wins(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    server = start_server(workers=1)
+    now = int(time.time())
+    today = now // DAY * DAY
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    base = {"event_name": prefix + "buy", "channel": "web", "user_id": "u1", "event_id": prefix + "X"}
+    # One request: both in the same pending set and the same flush.
+    assert post(conn, [{**base, "timestamp": today - 10}, {**base, "timestamp": now - 1}])[0] == 202
+    assert post(conn, {**base, "event_name": prefix + "refund", "timestamp": now - 1})[0] == 202
+    conn.close()
+    wait_until(lambda: len(stored(database, prefix)) == 2)
+    assert server.stop() == 0
+    rows = stored(database, prefix)
+    assert sorted((row[0], row[4]) for row in rows) == [(prefix + "buy", prefix + "X")] * 2  # type: ignore[type-var]

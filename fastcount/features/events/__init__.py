@@ -62,15 +62,19 @@ class EventsSettings:
             raise ValueError("events_flush_max must not exceed events_max_pending")
 
 
+EventKey = tuple[int, bytes]  # (UTC day of the timestamp, identity): the database's key, (day, id), in memory too
+
+
 @dataclass
 class EventBatch:
-    events: dict[bytes, Event]  # identity -> canonical event
+    events: dict[EventKey, Event]  # (day, identity) -> canonical event: the first accepted of that key
     own: bool  # taken from this worker's pending set (not replayed from a dead worker's journal)
 
 
 class PendingEvents(FlushBuffer):
-    """Events accepted by this worker and not yet committed, keyed by identity (a retry within one flush interval
-    is dropped here already; the database drops the rest).
+    """Events accepted by this worker and not yet committed, keyed by (day, identity) like the database's primary
+    key, first accepted wins like ON CONFLICT DO NOTHING (a retry within one flush interval is dropped here already;
+    the database drops the rest). A replay of the journal keeps the same first one, so live and replay agree.
 
     Journal codec: a record is a request body as accepted (an object or an array of accepted events only), or
     SNAPSHOT_MARK + a JSON array of every pending event. Replay checks everything again except the clock.
@@ -80,7 +84,7 @@ class PendingEvents(FlushBuffer):
 
     def __init__(self, max_pending: int, flush_max: int) -> None:
         super().__init__()
-        self.pending: dict[bytes, Event] = {}
+        self.pending: dict[EventKey, Event] = {}
         self.unacknowledged = 0
         self.max_pending = max_pending
         self.flush_max = flush_max
@@ -101,10 +105,11 @@ class PendingEvents(FlushBuffer):
         if not self.journal_append(record):  # journal before answering: a crash after the 202 loses nothing
             return OVERLOADED
         self.accepted += 1
-        if identity in pending:
+        key = (event["timestamp"] // DAY, identity)
+        if key in pending:
             self.duplicates += 1
             return ACCEPTED_ONE
-        pending[identity] = event
+        pending[key] = event
         if len(pending) == self.flush_max:
             self.request_flush()
         return ACCEPTED_ONE
@@ -119,10 +124,11 @@ class PendingEvents(FlushBuffer):
         size_before = len(pending)
         self.accepted += len(accepted)
         for identity, event in accepted:
-            if identity in pending:
+            key = (event["timestamp"] // DAY, identity)
+            if key in pending:
                 self.duplicates += 1
             else:
-                pending[identity] = event
+                pending[key] = event
         if size_before < self.flush_max <= len(pending):
             self.request_flush()
         return None
@@ -181,7 +187,7 @@ class PendingEvents(FlushBuffer):
 
     def replay(self, records: Sequence[bytes]) -> EventBatch:
         """The events in a dead worker's journal records."""
-        events: dict[bytes, Event] = {}
+        events: dict[EventKey, Event] = {}
         clock = Clock(None, 0.0, 0)
         for record in records:
             try:
@@ -189,8 +195,8 @@ class PendingEvents(FlushBuffer):
                 parsed = check_document(document, clock, max_items=None)
             except (orjson.JSONDecodeError, InvalidEvent):
                 continue
-            for identity, event in parsed.accepted:
-                events[identity] = event
+            for identity, event in parsed.accepted:  # first wins, as in add_one/add_many and in the database
+                events.setdefault((event["timestamp"] // DAY, identity), event)
         return EventBatch(events, own=False)
 
 

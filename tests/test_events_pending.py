@@ -1,0 +1,54 @@
+"""A worker's pending events as pure objects: what the live path keeps and what a crash replay of the same journal
+records keeps must be the same events, keyed like the database ((day, identity), first wins)."""
+
+from __future__ import annotations
+
+import orjson
+
+from fastcount.features.events import PendingEvents
+from fastcount.features.events.validation import Clock, check_event
+
+NOW = 1_800_000_000
+DAY = 86_400
+CLOCK = Clock(NOW, 5.0, 90 * DAY)
+
+
+def live_and_replayed(bodies: list[object]) -> tuple[dict[object, object], dict[object, object]]:
+    """The pending events after accepting each body live, and the events a replay of their journal records gives."""
+    live = PendingEvents(max_pending=1000, flush_max=1000)
+    records = []
+    for body in bodies:
+        record = orjson.dumps(body)
+        if isinstance(body, list):
+            assert live.add_many([check_event(item, CLOCK) for item in body], record) is None
+        else:
+            identity, event = check_event(body, CLOCK)
+            assert live.add_one(identity, event, record).status == 202
+        records.append(record)
+    replayed = PendingEvents(max_pending=1000, flush_max=1000).replay(records)
+    return dict(live.pending), dict(replayed.events)
+
+
+def event(**changes: object) -> dict[str, object]:
+    return {"event_name": "buy", "channel": "web", "user_id": "u1", "timestamp": NOW - 10, "event_id": "X", **changes}
+
+
+def test_same_identity_different_content_first_wins_live_and_in_replay() -> None:
+    live, replayed = live_and_replayed([event(), event(event_name="refund")])
+    assert live == replayed
+    assert [e["event_name"] for e in live.values()] == ["buy"]  # type: ignore[index]
+
+
+def test_same_identity_different_content_in_one_bulk_first_wins_live_and_in_replay() -> None:
+    live, replayed = live_and_replayed([[event(), event(event_name="refund")], event(event_name="other")])
+    assert live == replayed
+    assert [e["event_name"] for e in live.values()] == ["buy"]  # type: ignore[index]
+
+
+def test_same_event_id_on_two_utc_days_is_two_events_live_and_in_replay() -> None:
+    day_start = NOW // DAY * DAY
+    first, second = event(timestamp=day_start - 5), event(timestamp=day_start + 5, event_name="refund")
+    live, replayed = live_and_replayed([first, second, event(timestamp=day_start - 1, event_name="again")])
+    assert live == replayed
+    assert sorted(e["event_name"] for e in live.values()) == ["buy", "refund"]  # type: ignore[index]
+    assert sorted(day for day, _ in live) == [day_start // DAY - 1, day_start // DAY]  # type: ignore[misc]
