@@ -176,8 +176,8 @@ async def write_batch(
     cursor = conn.cursor()
     async with cursor.copy(COPY_STAGING) as copy:
         copy.set_types(STAGING_TYPES)
-        for count, (key, event) in enumerate(batch.items(), 1):
-            await copy.write_row(staging_row(key, event))
+        for count, (day_identity, event) in enumerate(batch.items(), 1):
+            await copy.write_row(staging_row(day_identity, event))
             if not count % YIELD_EVERY:
                 await asyncio.sleep(0)  # a large batch must not hold the worker's requests for its whole length
     await cursor.execute(INSERT_EVENTS)
