@@ -213,6 +213,7 @@ class EventsFeature(Feature):
         self.buffer = PendingEvents(self.settings.events_max_pending, self.settings.events_flush_max)
         self.read_pool = context.read_pool
         self.clock = Clock(0, self.settings.events_max_skew, self.settings.events_retention * DAY)
+        self.max_range = (self.settings.events_retention + 1) * DAY  # GET /metrics: what partitions are kept for
 
     def routes(self) -> list[Route]:
         return [
@@ -275,7 +276,7 @@ class EventsFeature(Feature):
 
     async def handle_metrics(self, path: bytes, query: bytes, body: bytes) -> Response:
         try:
-            metrics_query = parse_query(query, int(time.time()))
+            metrics_query = parse_query(query, int(time.time()), self.max_range)
         except InvalidQuery as problem:
             return error_response(400, str(problem))
         try:
