@@ -52,3 +52,36 @@ def test_same_event_id_on_two_utc_days_is_two_events_live_and_in_replay() -> Non
     assert live == replayed
     assert sorted(e["event_name"] for e in live.values()) == ["buy", "refund"]  # type: ignore[index]
     assert sorted(day for day, _ in live) == [day_start // DAY - 1, day_start // DAY]  # type: ignore[misc]
+
+
+def test_pending_bytes_bound_gives_503_until_the_batch_is_acknowledged() -> None:
+    flushes: list[int] = []
+    body = event(event_id=None, metadata={"pad": "x" * 900})
+    record_size = len(orjson.dumps(body))
+    cost = 3 * record_size + 512
+    buffer = PendingEvents(max_pending=1000, flush_max=1000, max_pending_bytes=cost * 10)
+    buffer.request_flush = lambda: flushes.append(len(buffer.pending))
+    statuses = []
+    for i in range(12):
+        identity, accepted = check_event({**body, "user_id": f"u{i}"}, CLOCK)
+        statuses.append(buffer.add_one(identity, accepted, orjson.dumps({**body, "user_id": f"u{i}"})).status)
+    assert statuses == [202] * 10 + [503] * 2
+    assert flushes[0] == 5  # half the bytes bound asks for an early flush
+    assert buffer.backlog_full()
+    many = [check_event({**body, "user_id": f"m{i}"}, CLOCK) for i in range(2)]
+    assert buffer.add_many(many, orjson.dumps([item for _, item in many])) is not None
+    batch = buffer.take()
+    assert batch is not None and len(batch.events) == 10
+    assert buffer.backlog_full(), "the batch in retry still counts"
+    buffer.acknowledge()
+    assert not buffer.backlog_full() and buffer.pending_bytes == buffer.unacknowledged_bytes == 0
+    assert buffer.add_many(many, orjson.dumps([item for _, item in many])) is None
+    assert 0 < buffer.pending_bytes <= 2 * cost + 100
+
+
+def test_one_request_larger_than_the_bytes_bound_is_taken_when_nothing_is_held() -> None:
+    buffer = PendingEvents(max_pending=1000, flush_max=1000, max_pending_bytes=100)
+    identity, accepted = check_event(event(), CLOCK)
+    assert buffer.add_one(identity, accepted, orjson.dumps(event())).status == 202
+    identity, accepted = check_event(event(event_id="Y"), CLOCK)
+    assert buffer.add_one(identity, accepted, orjson.dumps(event(event_id="Y"))).status == 503

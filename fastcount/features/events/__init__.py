@@ -1,7 +1,8 @@
 """POST /events and GET /metrics: accept analytics events into this worker's pending set (journaled first), write
 them on flush with database-side deduplication and rollups, and answer exact totals and unique users from rollups.
 
-The request path never waits on PostgreSQL; the pending set is bounded (503 + Retry-After past --events-max-pending).
+The request path never waits on PostgreSQL; the pending set is bounded (503 + Retry-After past --events-max-pending
+events or --events-max-pending-bytes of estimated memory).
 Rules live in validation.py, tables and the flush in store.py, the query in query.py.
 """
 
@@ -43,6 +44,10 @@ SNAPSHOT_MARK = b"S"  # starts a journal record holding every pending event; no 
 MAX_KNOWN_USERS = 1_000_000  # cached user numbers per worker; the cache starts over past this
 MAINTAIN_EVERY = 3600.0
 MAINTAIN_RETRY = 60.0
+# An accepted event's memory, estimated from its JSON: measured at 1.3-3x the JSON (dicts, strings, the key) for
+# events of 100 B to 3 KB, so 3x, plus a fixed part for the dict entry and the key tuple.
+BYTES_PER_JSON_BYTE = 3
+BYTES_PER_EVENT = 512
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,12 @@ class EventsSettings:
     events_flush_max: int = knob(50_000, "pending events of a worker that trigger an early flush", minimum=1)
     events_max_pending: int = knob(
         1_000_000, "events per worker (pending + in retry) past which new events get 503", minimum=1
+    )
+    events_max_pending_bytes: int = knob(
+        256 * 2**20,
+        "estimated memory in bytes of a worker's events (pending + in retry; 3 x their JSON + 512 each) past which"
+        " new events get 503",
+        minimum=2**20,
     )
 
     def __post_init__(self) -> None:
@@ -82,11 +93,14 @@ class PendingEvents(FlushBuffer):
 
     name = "events"
 
-    def __init__(self, max_pending: int, flush_max: int) -> None:
+    def __init__(self, max_pending: int, flush_max: int, max_pending_bytes: int = 256 * 2**20) -> None:
         super().__init__()
         self.pending: dict[EventKey, Event] = {}
         self.unacknowledged = 0
+        self.pending_bytes = 0  # estimated memory of `pending`, and of the batch taken and not yet acknowledged
+        self.unacknowledged_bytes = 0
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.flush_max = flush_max
         self.accepted = 0  # counters for the worker's tick
         self.rejected = 0
@@ -102,6 +116,9 @@ class PendingEvents(FlushBuffer):
         pending = self.pending
         if len(pending) + self.unacknowledged >= self.max_pending:
             return OVERLOADED
+        cost = len(record) * BYTES_PER_JSON_BYTE + BYTES_PER_EVENT
+        if self._over_bytes(cost):
+            return OVERLOADED
         if not self.journal_append(record):  # journal before answering: a crash after the 202 loses nothing
             return OVERLOADED
         self.accepted += 1
@@ -110,14 +127,22 @@ class PendingEvents(FlushBuffer):
             self.duplicates += 1
             return ACCEPTED_ONE
         pending[key] = event
-        if len(pending) == self.flush_max:
+        self.pending_bytes += cost
+        if len(pending) == self.flush_max or self.pending_bytes * 2 >= self.max_pending_bytes:
             self.request_flush()
         return ACCEPTED_ONE
+
+    def _over_bytes(self, cost: int) -> bool:
+        """True when `cost` more bytes would pass the bound (a request is always taken when nothing is held)."""
+        held = self.pending_bytes + self.unacknowledged_bytes
+        return held > 0 and held + cost > self.max_pending_bytes
 
     def add_many(self, accepted: list[tuple[bytes, Event]], record: bytes) -> Response | None:
         """None when all were added; else the refusal (503), and none was added."""
         pending = self.pending
         if len(pending) + self.unacknowledged + len(accepted) > self.max_pending:
+            return OVERLOADED
+        if self._over_bytes(len(record) * BYTES_PER_JSON_BYTE + len(accepted) * BYTES_PER_EVENT):
             return OVERLOADED
         if not self.journal_append(record):
             return OVERLOADED
@@ -129,12 +154,18 @@ class PendingEvents(FlushBuffer):
                 self.duplicates += 1
             else:
                 pending[key] = event
-        if size_before < self.flush_max <= len(pending):
+        added = len(pending) - size_before
+        if added:  # each added event's share of the request
+            self.pending_bytes += (len(record) * BYTES_PER_JSON_BYTE * added) // len(accepted) + added * BYTES_PER_EVENT
+        if size_before < self.flush_max <= len(pending) or self.pending_bytes * 2 >= self.max_pending_bytes:
             self.request_flush()
         return None
 
     def backlog_full(self) -> bool:
-        return len(self.pending) + self.unacknowledged >= self.max_pending
+        return (
+            len(self.pending) + self.unacknowledged >= self.max_pending
+            or self.pending_bytes + self.unacknowledged_bytes >= self.max_pending_bytes
+        )
 
     # -- FlushBuffer ------------------------------------------------------------------------------------------------
 
@@ -144,6 +175,7 @@ class PendingEvents(FlushBuffer):
         batch = EventBatch(self.pending, own=True)
         self.pending = {}
         self.unacknowledged = len(batch.events)
+        self.unacknowledged_bytes, self.pending_bytes = self.pending_bytes, 0
         self.taken = batch
         return batch
 
@@ -157,6 +189,7 @@ class PendingEvents(FlushBuffer):
         self.batch_users = {}
         self.batch_inserted = 0
         self.unacknowledged = 0
+        self.unacknowledged_bytes = 0
 
     def describe(self, batch: EventBatch) -> tuple[int, int]:
         return len(batch.events), len(batch.events)
@@ -210,7 +243,9 @@ class EventsFeature(Feature):
     def __init__(self, context: FeatureContext) -> None:
         super().__init__(context)
         self.settings = context.section(EventsSettings)
-        self.buffer = PendingEvents(self.settings.events_max_pending, self.settings.events_flush_max)
+        self.buffer = PendingEvents(
+            self.settings.events_max_pending, self.settings.events_flush_max, self.settings.events_max_pending_bytes
+        )
         self.read_pool = context.read_pool
         self.clock = Clock(0, self.settings.events_max_skew, self.settings.events_retention * DAY)
         self.max_range = (self.settings.events_retention + 1) * DAY  # GET /metrics: what partitions are kept for
@@ -234,6 +269,8 @@ class EventsFeature(Feature):
                           "accepted events not stored because the same identity was already pending or stored",
                           buffer.duplicates),
             FeatureMetric("events_pending", "gauge", "events in memory, not yet taken by a flush", len(buffer.pending)),
+            FeatureMetric("events_held_bytes", "gauge", "estimated memory of events held (pending + in retry)",
+                          buffer.pending_bytes + buffer.unacknowledged_bytes),
         ]  # fmt: skip
 
     def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
