@@ -3,7 +3,10 @@ records keeps must be the same events, keyed like the database ((day, identity),
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
+import pytest
 
 from fastcount.features.events import PendingEvents
 from fastcount.features.events.validation import Clock, check_event
@@ -85,3 +88,32 @@ def test_one_request_larger_than_the_bytes_bound_is_taken_when_nothing_is_held()
     assert buffer.add_one(identity, accepted, orjson.dumps(event())).status == 202
     identity, accepted = check_event(event(event_id="Y"), CLOCK)
     assert buffer.add_one(identity, accepted, orjson.dumps(event(event_id="Y"))).status == 503
+
+
+def test_duplicates_of_an_adopted_batch_are_counted_once_after_its_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastcount.features.events as events_feature
+    from fastcount.features.events.store import Written
+
+    inserted = iter([2, 1, 1, 0])  # attempt 1 (rolled back): 2; attempt 2: whole 1, then its two parts 1 + 0
+
+    async def write_batch(conn: object, batch: object, known: object) -> Written:
+        return Written(inserted=next(inserted))
+
+    monkeypatch.setattr(events_feature, "write_batch", write_batch)
+    buffer = PendingEvents(max_pending=1000, flush_max=1000)
+    records = [orjson.dumps([event(event_id=f"e{i}") for i in range(4)]), orjson.dumps(event(event_id="e0"))]
+    adopted = buffer.replay(records)
+    assert len(adopted.events) == 4
+
+    async def flush() -> None:
+        await buffer.write(None, adopted)  # type: ignore[arg-type]
+        assert buffer.duplicates == 0
+        await buffer.write(None, adopted)  # type: ignore[arg-type]
+        for part in buffer.split(adopted):
+            await buffer.write(None, part)  # type: ignore[arg-type]
+        assert buffer.duplicates == 0, "not before the flusher moved on (after the commit)"
+        assert buffer.take() is None
+
+    asyncio.run(flush())
+    assert buffer.duplicates == 4 - 2
+    assert buffer.take() is None and buffer.duplicates == 2

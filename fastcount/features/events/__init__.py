@@ -80,6 +80,7 @@ EventKey = tuple[int, bytes]  # (UTC day of the timestamp, identity): the databa
 class EventBatch:
     events: dict[EventKey, Event]  # (day, identity) -> canonical event: the first accepted of that key
     own: bool  # taken from this worker's pending set (not replayed from a dead worker's journal)
+    adopted: bool = False  # a whole batch replayed from a dead worker's journal (not a part of one)
 
 
 class PendingEvents(FlushBuffer):
@@ -109,6 +110,10 @@ class PendingEvents(FlushBuffer):
         self.batch_inserted = 0  # of `taken`, over the writes of its current attempt
         self.batch_users: dict[str, int] = {}
         self.known_users: dict[str, int] = {}  # user numbers committed: immutable once committed
+        # The adopted batch last written and what its current attempt inserted: its duplicates are counted once the
+        # flusher moved on from it (to another adopted batch, or to `take`), which it only does after its commit.
+        self.adopted: EventBatch | None = None
+        self.adopted_inserted = 0
 
     # -- the request path -------------------------------------------------------------------------------------------
 
@@ -170,6 +175,7 @@ class PendingEvents(FlushBuffer):
     # -- FlushBuffer ------------------------------------------------------------------------------------------------
 
     def take(self) -> EventBatch | None:
+        self._settle_adopted()
         if not self.pending:
             return None
         batch = EventBatch(self.pending, own=True)
@@ -194,14 +200,27 @@ class PendingEvents(FlushBuffer):
     def describe(self, batch: EventBatch) -> tuple[int, int]:
         return len(batch.events), len(batch.events)
 
+    def _settle_adopted(self) -> None:
+        adopted, self.adopted = self.adopted, None
+        if adopted is not None:
+            self.duplicates += len(adopted.events) - self.adopted_inserted
+        self.adopted_inserted = 0
+
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: EventBatch) -> int:
         if batch is self.taken:  # a new attempt at the whole batch: forget what an earlier one did
             self.batch_inserted = 0
             self.batch_users = {}
+        elif batch.adopted:
+            if batch is not self.adopted:  # the flusher moved on: the previous adopted batch committed
+                self._settle_adopted()
+                self.adopted = batch
+            self.adopted_inserted = 0  # a new attempt at the whole batch
         written = await write_batch(conn, batch.events, self.known_users)
         if batch.own:  # replayed batches are not acknowledged: their user numbers are simply not cached
             self.batch_inserted += written.inserted
             self.batch_users.update(written.user_numbers)
+        else:  # a replayed batch or a part of one: its events the database already held are counted as duplicates
+            self.adopted_inserted += written.inserted
         return written.inserted
 
     def split(self, batch: EventBatch) -> list[EventBatch]:
@@ -230,7 +249,7 @@ class PendingEvents(FlushBuffer):
                 continue
             for identity, event in parsed.accepted:  # first wins, as in add_one/add_many and in the database
                 events.setdefault((event["timestamp"] // DAY, identity), event)
-        return EventBatch(events, own=False)
+        return EventBatch(events, own=False, adopted=True)
 
 
 class EventsFeature(Feature):
