@@ -135,9 +135,9 @@ def test_validation_over_http_single_and_bulk_and_nothing_invalid_stored(
 def test_duplicates_dropped_across_workers_and_instances_and_counted(
     start_server: StartServer, database: Database, prefix: str
 ) -> None:
-    admin_port = free_port()
+    admin_port, second_admin_port = free_port(), free_port()
     first = start_server("--admin-port", str(admin_port), workers=2)
-    second = start_server(workers=1)
+    second = start_server("--admin-port", str(second_admin_port), workers=1)
     now = int(time.time())
     name = prefix + "buy"
     events: list[dict[str, object]] = []
@@ -173,18 +173,22 @@ def test_duplicates_dropped_across_workers_and_instances_and_counted(
             lambda port=server.port: metrics(port, event_name=name, **{"from": now - DAY, "to": now + 1}) == want
         )  # type: ignore[misc]
     assert len(stored(database, prefix)) == 60
-    duplicates = 0.0
+    counted: dict[str, float] = {}
 
-    def dropped() -> bool:
-        nonlocal duplicates
-        _, _, body = request(admin_port, "GET", "/metrics")
-        lines = [line for line in body.decode().splitlines() if line.startswith("fastcount_events_duplicates_dropped")]
-        duplicates = sum(float(line.split()[-1]) for line in lines)
-        return duplicates > 0
+    def series(name: str) -> float:
+        total = 0.0
+        for port in (admin_port, second_admin_port):
+            _, _, body = request(port, "GET", "/metrics")
+            lines = [line for line in body.decode().splitlines() if line.startswith(name)]
+            total += sum(float(line.split()[-1]) for line in lines)
+        counted[name] = total
+        return total
 
-    wait_until(dropped)
-    # first's workers got 2 x 3 copies of each event; second drops what it repeats or what first stored before it.
-    assert duplicates <= sent - 60
+    # Every copy accepted is either stored (60, once each) or dropped as a duplicate by the worker that had it, in
+    # its pending set or by the database at its flush: over both instances, exactly sent - 60 (the workers publish
+    # their counters on their tick, hence the wait).
+    wait_until(lambda: series("fastcount_events_duplicates_dropped") == sent - 60)
+    assert series("fastcount_events_accepted") == sent == 360, counted
 
 
 def test_metrics_exact_for_each_grouping_filter_and_unaligned_range(
@@ -241,6 +245,14 @@ def test_metrics_exact_for_each_grouping_filter_and_unaligned_range(
     assert answer["unique_users"] < sum(group["unique_users"] for group in answer["groups"])  # type: ignore[attr-defined]
     assert request(server.port, "GET", "/metrics?event_name=x&group_by=week")[0] == 400
     assert request(server.port, "GET", "/metrics?from=1")[0] == 400
+    status, _, body = request(server.port, "GET", f"/metrics?event_name={names[0]}&from=0&to={2**40 - 1}")
+    assert (status, json.loads(body)["error"][:37]) == (400, "'to' - 'from' must be at most 7862400")
+    # The longest range allowed (retention 90 days + 1) answers the same as the 50 hours holding every event.
+    longest = {"from": now + 1 - 91 * DAY, "to": now + 1}
+    assert metrics(server.port, event_name=names[0], **longest) == {
+        **expected(events, names[0], whole["from"], whole["to"]),
+        **longest,
+    }
 
 
 def test_backlog_bound_gives_503_while_postgres_unreachable_then_every_accepted_event_stored_once(
@@ -331,3 +343,31 @@ def test_sigkill_of_a_worker_stores_its_accepted_events_once(
     assert len(rows) == 300
     assert metrics_total(database, name) == 300
     assert database.query("SELECT count(*) FROM events WHERE event_name = %s", (name,)) == [(300,)]
+    # The replayed events' users are in the rollups' bitmaps too: exact unique users, per hour as well.
+    reader = start_server(workers=1)
+    for group_by in ("", "hour"):
+        params: dict[str, object] = {"event_name": name, "from": now - DAY, "to": now + 1}
+        if group_by:
+            params["group_by"] = group_by
+        answer = metrics(reader.port, **params)
+        assert answer == expected(events, name, now - DAY, now + 1, group_by=group_by)  # type: ignore[arg-type]
+        assert (answer["total_events"], answer["unique_users"]) == (300, 9)
+    assert reader.stop() == 0
+
+
+def test_same_event_id_on_two_utc_days_stored_twice_in_one_flush_and_first_content_wins(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    server = start_server(workers=1)
+    now = int(time.time())
+    today = now // DAY * DAY
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    base = {"event_name": prefix + "buy", "channel": "web", "user_id": "u1", "event_id": prefix + "X"}
+    # One request: both in the same pending set and the same flush.
+    assert post(conn, [{**base, "timestamp": today - 10}, {**base, "timestamp": now - 1}])[0] == 202
+    assert post(conn, {**base, "event_name": prefix + "refund", "timestamp": now - 1})[0] == 202
+    conn.close()
+    wait_until(lambda: len(stored(database, prefix)) == 2)
+    assert server.stop() == 0
+    rows = stored(database, prefix)
+    assert sorted((row[0], row[4]) for row in rows) == [(prefix + "buy", prefix + "X")] * 2

@@ -169,3 +169,14 @@ def test_whole_hours_from_rollups_partial_hours_from_raw_rows() -> None:
     assert raw_ranges(7100, 14500) == ((7200, 14400), [(7100, 7200), (14400, 14500)])
     assert raw_ranges(7300, 7400) == (None, [(7300, 7400)])
     assert raw_ranges(7300, 10800) == (None, [(7300, 10800)])
+
+
+def test_query_range_is_capped_at_max_range() -> None:
+    with pytest.raises(InvalidQuery, match=r"'to' - 'from' must be at most 7862400 seconds \(91 days"):
+        parse_query(b"event_name=a&from=0&to=1099511627775", NOW)
+    with pytest.raises(InvalidQuery, match="'to' - 'from' must be at most"):
+        parse_query(b"event_name=a&from=0", NOW)  # to defaults to now
+    with pytest.raises(InvalidQuery, match="'to' - 'from' must be at most 7200 seconds"):
+        parse_query(b"event_name=a&from=0&to=7201", NOW, max_range=7200)
+    assert parse_query(b"event_name=a&from=0&to=7200", NOW, max_range=7200).end == 7200
+    assert parse_query(f"event_name=a&from={NOW - 91 * 86400}&to={NOW}".encode(), NOW).start == NOW - 91 * 86400

@@ -1,7 +1,8 @@
 """POST /events and GET /metrics: accept analytics events into this worker's pending set (journaled first), write
 them on flush with database-side deduplication and rollups, and answer exact totals and unique users from rollups.
 
-The request path never waits on PostgreSQL; the pending set is bounded (503 + Retry-After past --events-max-pending).
+The request path never waits on PostgreSQL; the pending set is bounded (503 + Retry-After past --events-max-pending
+events or --events-max-pending-bytes of estimated memory).
 Rules live in validation.py, tables and the flush in store.py, the query in query.py.
 """
 
@@ -43,6 +44,10 @@ SNAPSHOT_MARK = b"S"  # starts a journal record holding every pending event; no 
 MAX_KNOWN_USERS = 1_000_000  # cached user numbers per worker; the cache starts over past this
 MAINTAIN_EVERY = 3600.0
 MAINTAIN_RETRY = 60.0
+# An accepted event's memory, estimated from its JSON: measured at 1.3-3x the JSON (dicts, strings, the key) for
+# events of 100 B to 3 KB, so 3x, plus a fixed part for the dict entry and the key tuple.
+BYTES_PER_JSON_BYTE = 3
+BYTES_PER_EVENT = 512
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,12 @@ class EventsSettings:
     events_max_pending: int = knob(
         1_000_000, "events per worker (pending + in retry) past which new events get 503", minimum=1
     )
+    events_max_pending_bytes: int = knob(
+        256 * 2**20,
+        "estimated memory in bytes of a worker's events (pending + in retry; 3 x their JSON + 512 each) past which"
+        " new events get 503",
+        minimum=2**20,
+    )
 
     def __post_init__(self) -> None:
         check_knobs(self)
@@ -62,15 +73,20 @@ class EventsSettings:
             raise ValueError("events_flush_max must not exceed events_max_pending")
 
 
+EventKey = tuple[int, bytes]  # (UTC day of the timestamp, identity): the database's key, (day, id), in memory too
+
+
 @dataclass
 class EventBatch:
-    events: dict[bytes, Event]  # identity -> canonical event
+    events: dict[EventKey, Event]  # (day, identity) -> canonical event: the first accepted of that key
     own: bool  # taken from this worker's pending set (not replayed from a dead worker's journal)
+    adopted: bool = False  # a whole batch replayed from a dead worker's journal (not a part of one)
 
 
 class PendingEvents(FlushBuffer):
-    """Events accepted by this worker and not yet committed, keyed by identity (a retry within one flush interval
-    is dropped here already; the database drops the rest).
+    """Events accepted by this worker and not yet committed, keyed by (day, identity) like the database's primary
+    key, first accepted wins like ON CONFLICT DO NOTHING (a retry within one flush interval is dropped here already;
+    the database drops the rest). A replay of the journal keeps the same first one, so live and replay agree.
 
     Journal codec: a record is a request body as accepted (an object or an array of accepted events only), or
     SNAPSHOT_MARK + a JSON array of every pending event. Replay checks everything again except the clock.
@@ -78,11 +94,14 @@ class PendingEvents(FlushBuffer):
 
     name = "events"
 
-    def __init__(self, max_pending: int, flush_max: int) -> None:
+    def __init__(self, max_pending: int, flush_max: int, max_pending_bytes: int = 256 * 2**20) -> None:
         super().__init__()
-        self.pending: dict[bytes, Event] = {}
+        self.pending: dict[EventKey, Event] = {}
         self.unacknowledged = 0
+        self.pending_bytes = 0  # estimated memory of `pending`, and of the batch taken and not yet acknowledged
+        self.unacknowledged_bytes = 0
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.flush_max = flush_max
         self.accepted = 0  # counters for the worker's tick
         self.rejected = 0
@@ -91,6 +110,10 @@ class PendingEvents(FlushBuffer):
         self.batch_inserted = 0  # of `taken`, over the writes of its current attempt
         self.batch_users: dict[str, int] = {}
         self.known_users: dict[str, int] = {}  # user numbers committed: immutable once committed
+        # The adopted batch last written and what its current attempt inserted: its duplicates are counted once the
+        # flusher moved on from it (to another adopted batch, or to `take`), which it only does after its commit.
+        self.adopted: EventBatch | None = None
+        self.adopted_inserted = 0
 
     # -- the request path -------------------------------------------------------------------------------------------
 
@@ -98,46 +121,67 @@ class PendingEvents(FlushBuffer):
         pending = self.pending
         if len(pending) + self.unacknowledged >= self.max_pending:
             return OVERLOADED
+        cost = len(record) * BYTES_PER_JSON_BYTE + BYTES_PER_EVENT
+        if self._over_bytes(cost):
+            return OVERLOADED
         if not self.journal_append(record):  # journal before answering: a crash after the 202 loses nothing
             return OVERLOADED
         self.accepted += 1
-        if identity in pending:
+        key = (event["timestamp"] // DAY, identity)
+        if key in pending:
             self.duplicates += 1
             return ACCEPTED_ONE
-        pending[identity] = event
-        if len(pending) == self.flush_max:
+        pending[key] = event
+        self.pending_bytes += cost
+        if len(pending) == self.flush_max or self.pending_bytes * 2 >= self.max_pending_bytes:
             self.request_flush()
         return ACCEPTED_ONE
+
+    def _over_bytes(self, cost: int) -> bool:
+        """True when `cost` more bytes would pass the bound (a request is always taken when nothing is held)."""
+        held = self.pending_bytes + self.unacknowledged_bytes
+        return held > 0 and held + cost > self.max_pending_bytes
 
     def add_many(self, accepted: list[tuple[bytes, Event]], record: bytes) -> Response | None:
         """None when all were added; else the refusal (503), and none was added."""
         pending = self.pending
         if len(pending) + self.unacknowledged + len(accepted) > self.max_pending:
             return OVERLOADED
+        if self._over_bytes(len(record) * BYTES_PER_JSON_BYTE + len(accepted) * BYTES_PER_EVENT):
+            return OVERLOADED
         if not self.journal_append(record):
             return OVERLOADED
         size_before = len(pending)
         self.accepted += len(accepted)
         for identity, event in accepted:
-            if identity in pending:
+            key = (event["timestamp"] // DAY, identity)
+            if key in pending:
                 self.duplicates += 1
             else:
-                pending[identity] = event
-        if size_before < self.flush_max <= len(pending):
+                pending[key] = event
+        added = len(pending) - size_before
+        if added:  # each added event's share of the request
+            self.pending_bytes += (len(record) * BYTES_PER_JSON_BYTE * added) // len(accepted) + added * BYTES_PER_EVENT
+        if size_before < self.flush_max <= len(pending) or self.pending_bytes * 2 >= self.max_pending_bytes:
             self.request_flush()
         return None
 
     def backlog_full(self) -> bool:
-        return len(self.pending) + self.unacknowledged >= self.max_pending
+        return (
+            len(self.pending) + self.unacknowledged >= self.max_pending
+            or self.pending_bytes + self.unacknowledged_bytes >= self.max_pending_bytes
+        )
 
     # -- FlushBuffer ------------------------------------------------------------------------------------------------
 
     def take(self) -> EventBatch | None:
+        self._settle_adopted()
         if not self.pending:
             return None
         batch = EventBatch(self.pending, own=True)
         self.pending = {}
         self.unacknowledged = len(batch.events)
+        self.unacknowledged_bytes, self.pending_bytes = self.pending_bytes, 0
         self.taken = batch
         return batch
 
@@ -151,18 +195,32 @@ class PendingEvents(FlushBuffer):
         self.batch_users = {}
         self.batch_inserted = 0
         self.unacknowledged = 0
+        self.unacknowledged_bytes = 0
 
     def describe(self, batch: EventBatch) -> tuple[int, int]:
         return len(batch.events), len(batch.events)
+
+    def _settle_adopted(self) -> None:
+        adopted, self.adopted = self.adopted, None
+        if adopted is not None:
+            self.duplicates += len(adopted.events) - self.adopted_inserted
+        self.adopted_inserted = 0
 
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: EventBatch) -> int:
         if batch is self.taken:  # a new attempt at the whole batch: forget what an earlier one did
             self.batch_inserted = 0
             self.batch_users = {}
+        elif batch.adopted:
+            if batch is not self.adopted:  # the flusher moved on: the previous adopted batch committed
+                self._settle_adopted()
+                self.adopted = batch
+            self.adopted_inserted = 0  # a new attempt at the whole batch
         written = await write_batch(conn, batch.events, self.known_users)
         if batch.own:  # replayed batches are not acknowledged: their user numbers are simply not cached
             self.batch_inserted += written.inserted
             self.batch_users.update(written.user_numbers)
+        else:  # a replayed batch or a part of one: its events the database already held are counted as duplicates
+            self.adopted_inserted += written.inserted
         return written.inserted
 
     def split(self, batch: EventBatch) -> list[EventBatch]:
@@ -181,7 +239,7 @@ class PendingEvents(FlushBuffer):
 
     def replay(self, records: Sequence[bytes]) -> EventBatch:
         """The events in a dead worker's journal records."""
-        events: dict[bytes, Event] = {}
+        events: dict[EventKey, Event] = {}
         clock = Clock(None, 0.0, 0)
         for record in records:
             try:
@@ -189,9 +247,9 @@ class PendingEvents(FlushBuffer):
                 parsed = check_document(document, clock, max_items=None)
             except (orjson.JSONDecodeError, InvalidEvent):
                 continue
-            for identity, event in parsed.accepted:
-                events[identity] = event
-        return EventBatch(events, own=False)
+            for identity, event in parsed.accepted:  # first wins, as in add_one/add_many and in the database
+                events.setdefault((event["timestamp"] // DAY, identity), event)
+        return EventBatch(events, own=False, adopted=True)
 
 
 class EventsFeature(Feature):
@@ -204,9 +262,12 @@ class EventsFeature(Feature):
     def __init__(self, context: FeatureContext) -> None:
         super().__init__(context)
         self.settings = context.section(EventsSettings)
-        self.buffer = PendingEvents(self.settings.events_max_pending, self.settings.events_flush_max)
+        self.buffer = PendingEvents(
+            self.settings.events_max_pending, self.settings.events_flush_max, self.settings.events_max_pending_bytes
+        )
         self.read_pool = context.read_pool
         self.clock = Clock(0, self.settings.events_max_skew, self.settings.events_retention * DAY)
+        self.max_range = (self.settings.events_retention + 1) * DAY  # GET /metrics: what partitions are kept for
 
     def routes(self) -> list[Route]:
         return [
@@ -227,6 +288,8 @@ class EventsFeature(Feature):
                           "accepted events not stored because the same identity was already pending or stored",
                           buffer.duplicates),
             FeatureMetric("events_pending", "gauge", "events in memory, not yet taken by a flush", len(buffer.pending)),
+            FeatureMetric("events_held_bytes", "gauge", "estimated memory of events held (pending + in retry)",
+                          buffer.pending_bytes + buffer.unacknowledged_bytes),
         ]  # fmt: skip
 
     def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
@@ -269,7 +332,7 @@ class EventsFeature(Feature):
 
     async def handle_metrics(self, path: bytes, query: bytes, body: bytes) -> Response:
         try:
-            metrics_query = parse_query(query, int(time.time()))
+            metrics_query = parse_query(query, int(time.time()), self.max_range)
         except InvalidQuery as problem:
             return error_response(400, str(problem))
         try:

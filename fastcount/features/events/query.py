@@ -2,12 +2,17 @@
 
 Plan: whole UTC hours inside the range come from `event_rollups` (counts, and bitmaps of user numbers unioned here);
 the partial hours at either end (when `from` or `to` is not on an hour) come from the raw `events` rows of those
-minutes alone, joined to their user numbers. The two never overlap, so totals add up and unions are exact; the
-top-level `unique_users` is the union over the whole range, never a sum of the groups'.
+minutes alone, joined to their user numbers and aggregated in SQL per hour and channel. The two never overlap, so
+totals add up and unions are exact; the top-level `unique_users` is the union over the whole range, never a sum of
+the groups'.
+
+Cost is bounded: the range is at most `max_range` (the retention plus its day of margin; 400 beyond), rollup rows
+are streamed and each bitmap is unioned into its tally (`|=`) as it arrives, never held in a list.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -21,19 +26,25 @@ from fastcount.features.events.validation import MAX_CHANNEL_BYTES, MAX_EVENT_NA
 GROUP_BY = ("channel", "hour", "day")
 PARAMETERS = frozenset(("event_name", "from", "to", "channel", "group_by"))
 DEFAULT_RANGE = DAY
+DEFAULT_MAX_RANGE = 91 * DAY  # the default retention (90 days) plus the day of margin partitions are kept for
+YIELD_EVERY = 100  # rollup rows unioned between two chances for the worker to answer requests
 
 READ_ROLLUPS = """
     SELECT extract(epoch FROM hour)::int8, channel, total, users FROM event_rollups
     WHERE event_name = %s AND hour >= to_timestamp(%s) AND hour < to_timestamp(%s)
 """
+# Per hour and channel of the partial minutes: events and the distinct user numbers (a partial range lies within
+# at most two hours, so this is a handful of rows whatever the traffic).
 READ_RAW = """
-    SELECT extract(epoch FROM e.ts)::int8, e.channel, u.user_number
+    SELECT (floor(extract(epoch FROM e.ts) / 3600) * 3600)::int8 AS hour, e.channel, count(*),
+           array_agg(DISTINCT u.user_number)
     FROM events e JOIN event_users u ON u.user_id = e.user_id
     WHERE e.event_name = %s AND e.day >= date '1970-01-01' + %s::int AND e.day <= date '1970-01-01' + %s::int
       AND e.ts >= to_timestamp(%s) AND e.ts < to_timestamp(%s)
 """
 CHANNEL_FILTER = " AND channel = %s"
 RAW_CHANNEL_FILTER = " AND e.channel = %s"
+RAW_GROUP = " GROUP BY 1, 2"
 
 
 class InvalidQuery(ValueError):
@@ -58,8 +69,9 @@ def _integer(raw: str, name: str) -> int:
     return value
 
 
-def parse_query(query: bytes, now: int) -> MetricsQuery:
-    """The parameters of GET /metrics; raises InvalidQuery naming the first problem."""
+def parse_query(query: bytes, now: int, max_range: int = DEFAULT_MAX_RANGE) -> MetricsQuery:
+    """The parameters of GET /metrics; raises InvalidQuery naming the first problem. `to - from` may be at most
+    `max_range` seconds."""
     try:
         pairs = parse_qsl(query.decode(), keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
@@ -84,6 +96,10 @@ def parse_query(query: bytes, now: int) -> MetricsQuery:
         start = max(0, end - DEFAULT_RANGE)
     if start >= end:
         raise InvalidQuery("'from' must be before 'to' (from is inclusive, to exclusive)")
+    if end - start > max_range:
+        raise InvalidQuery(
+            f"'to' - 'from' must be at most {max_range} seconds ({max_range / DAY:g} days: the retention plus a day)"
+        )
     channel = params.get("channel")
     if channel is not None and (not channel or len(channel.encode()) > MAX_CHANNEL_BYTES or "\x00" in channel):
         raise InvalidQuery(f"'channel' must be 1 to {MAX_CHANNEL_BYTES} bytes")
@@ -96,16 +112,18 @@ def parse_query(query: bytes, now: int) -> MetricsQuery:
 class Tally:
     """Events and the bitmaps of their users, for one group or for the whole range."""
 
-    __slots__ = ("bitmaps", "total")
+    __slots__ = ("total", "users")
 
     def __init__(self) -> None:
         self.total = 0
-        self.bitmaps: list[BitMap] = []
+        self.users = BitMap()
+
+    def add(self, total: int, users: BitMap) -> None:
+        self.total += total
+        self.users |= users
 
     def unique(self) -> int:
-        if not self.bitmaps:
-            return 0
-        return len(BitMap.union(*self.bitmaps))
+        return len(self.users)
 
 
 def _group_key(group_by: str | None, hour_or_ts: int, channel: str) -> str | int | None:
@@ -133,43 +151,36 @@ async def run_query(conn: psycopg.AsyncConnection[Any], query: MetricsQuery) -> 
     overall = Tally()
     groups: dict[str | int | None, Tally] = {}
     group_by = query.group_by
+
+    def add(hour: int, channel: str, total: int, users: BitMap) -> None:
+        overall.add(total, users)
+        if group_by is not None:
+            tally = groups.get(key := _group_key(group_by, hour, channel))
+            if tally is None:
+                tally = groups[key] = Tally()
+            tally.add(total, users)
+
     cursor = conn.cursor(binary=True)
     if whole is not None:
         sql, params = READ_ROLLUPS, [query.event_name, whole[0], whole[1]]
         if query.channel is not None:
             sql += CHANNEL_FILTER
             params.append(query.channel)
-        await cursor.execute(sql, params)
-        for hour, channel, total, users in await cursor.fetchall():
-            bitmap = BitMap.deserialize(bytes(users)) if users else BitMap()
-            overall.total += total
-            overall.bitmaps.append(bitmap)
-            if group_by is not None:
-                tally = groups.get(key := _group_key(group_by, hour, channel))
-                if tally is None:
-                    tally = groups[key] = Tally()
-                tally.total += total
-                tally.bitmaps.append(bitmap)
+        count = 0
+        async for hour, channel, total, users in cursor.stream(sql, params):
+            add(hour, channel, total, BitMap.deserialize(bytes(users)) if users else BitMap())
+            count += 1
+            if not count % YIELD_EVERY:
+                await asyncio.sleep(0)  # a long range must not hold the worker's requests for its whole length
     for start, end in partial:
         sql = READ_RAW
         params = [query.event_name, start // DAY, (end - 1) // DAY, start, end]
         if query.channel is not None:
             sql += RAW_CHANNEL_FILTER
             params.append(query.channel)
-        await cursor.execute(sql, params)
-        numbers: dict[str | int | None, list[int]] = {}
-        for ts, channel, number in await cursor.fetchall():
-            numbers.setdefault(_group_key(group_by, ts, channel), []).append(number)
-        for key, users in numbers.items():
-            bitmap = BitMap(users)
-            overall.total += len(users)
-            overall.bitmaps.append(bitmap)
-            if group_by is not None:
-                tally = groups.get(key)
-                if tally is None:
-                    tally = groups[key] = Tally()
-                tally.total += len(users)
-                tally.bitmaps.append(bitmap)
+        await cursor.execute(sql + RAW_GROUP, params)
+        for hour, channel, total, numbers in await cursor.fetchall():
+            add(hour, channel, total, BitMap(numbers))
     answer: dict[str, object] = {
         "event_name": query.event_name,
         "from": query.start,

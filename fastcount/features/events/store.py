@@ -110,9 +110,9 @@ INSERT_EVENTS = """
                campaign_id, tags, metadata::jsonb, event_id
         FROM staged ORDER BY day, id
         ON CONFLICT DO NOTHING
-        RETURNING id
+        RETURNING day, id
     )
-    SELECT uuid_send(id) FROM inserted
+    SELECT day - date '1970-01-01', uuid_send(id) FROM inserted
 """
 # NOT EXISTS first: a conflicting insert would still use up an identity value, and gaps make bitmaps larger.
 INSERT_USERS = """
@@ -147,12 +147,12 @@ class Written:
     user_numbers: dict[str, int] = field(default_factory=dict)
 
 
-def staging_row(identity: bytes, event: Event) -> tuple[object, ...]:
+def staging_row(key: tuple[int, bytes], event: Event) -> tuple[object, ...]:
     timestamp = event["timestamp"]
     metadata = event.get("metadata")
     return (
-        timestamp // DAY,
-        identity,
+        key[0],
+        key[1],
         timestamp,
         event["event_name"],
         event["channel"],
@@ -165,9 +165,10 @@ def staging_row(identity: bytes, event: Event) -> tuple[object, ...]:
 
 
 async def write_batch(
-    conn: psycopg.AsyncConnection[Any], batch: dict[bytes, Event], known_users: dict[str, int]
+    conn: psycopg.AsyncConnection[Any], batch: dict[tuple[int, bytes], Event], known_users: dict[str, int]
 ) -> Written:
-    """Insert the batch's new events and add them to the rollups, in the caller's transaction."""
+    """Insert the batch's new events (keyed by (day, identity), the table's key) and add them to the rollups, in
+    the caller's transaction."""
     written = Written()
     days = sorted({event["timestamp"] // DAY for event in batch.values()})
     await conn.execute(ENSURE_PARTITIONS, (days,))
@@ -175,12 +176,12 @@ async def write_batch(
     cursor = conn.cursor()
     async with cursor.copy(COPY_STAGING) as copy:
         copy.set_types(STAGING_TYPES)
-        for count, (identity, event) in enumerate(batch.items(), 1):
-            await copy.write_row(staging_row(identity, event))
+        for count, (day_identity, event) in enumerate(batch.items(), 1):
+            await copy.write_row(staging_row(day_identity, event))
             if not count % YIELD_EVERY:
                 await asyncio.sleep(0)  # a large batch must not hold the worker's requests for its whole length
     await cursor.execute(INSERT_EVENTS)
-    inserted = [batch[bytes(row[0])] for row in await cursor.fetchall()]
+    inserted = [batch[(row[0], bytes(row[1]))] for row in await cursor.fetchall()]
     written.inserted = len(inserted)
     if not inserted:
         return written

@@ -1,0 +1,119 @@
+"""A worker's pending events as pure objects: what the live path keeps and what a crash replay of the same journal
+records keeps must be the same events, keyed like the database ((day, identity), first wins)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from fastcount.features.events import PendingEvents
+from fastcount.features.events.validation import Clock, check_event
+
+NOW = 1_800_000_000
+DAY = 86_400
+CLOCK = Clock(NOW, 5.0, 90 * DAY)
+
+
+def live_and_replayed(bodies: list[object]) -> tuple[dict[object, object], dict[object, object]]:
+    """The pending events after accepting each body live, and the events a replay of their journal records gives."""
+    live = PendingEvents(max_pending=1000, flush_max=1000)
+    records = []
+    for body in bodies:
+        record = orjson.dumps(body)
+        if isinstance(body, list):
+            assert live.add_many([check_event(item, CLOCK) for item in body], record) is None
+        else:
+            identity, event = check_event(body, CLOCK)
+            assert live.add_one(identity, event, record).status == 202
+        records.append(record)
+    replayed = PendingEvents(max_pending=1000, flush_max=1000).replay(records)
+    return dict(live.pending), dict(replayed.events)
+
+
+def event(**changes: object) -> dict[str, object]:
+    return {"event_name": "buy", "channel": "web", "user_id": "u1", "timestamp": NOW - 10, "event_id": "X", **changes}
+
+
+def test_same_identity_different_content_first_wins_live_and_in_replay() -> None:
+    live, replayed = live_and_replayed([event(), event(event_name="refund")])
+    assert live == replayed
+    assert [e["event_name"] for e in live.values()] == ["buy"]  # type: ignore[index]
+
+
+def test_same_identity_different_content_in_one_bulk_first_wins_live_and_in_replay() -> None:
+    live, replayed = live_and_replayed([[event(), event(event_name="refund")], event(event_name="other")])
+    assert live == replayed
+    assert [e["event_name"] for e in live.values()] == ["buy"]  # type: ignore[index]
+
+
+def test_same_event_id_on_two_utc_days_is_two_events_live_and_in_replay() -> None:
+    day_start = NOW // DAY * DAY
+    first, second = event(timestamp=day_start - 5), event(timestamp=day_start + 5, event_name="refund")
+    live, replayed = live_and_replayed([first, second, event(timestamp=day_start - 1, event_name="again")])
+    assert live == replayed
+    assert sorted(e["event_name"] for e in live.values()) == ["buy", "refund"]  # type: ignore[index]
+    assert sorted(day for day, _ in live) == [day_start // DAY - 1, day_start // DAY]  # type: ignore[misc]
+
+
+def test_pending_bytes_bound_gives_503_until_the_batch_is_acknowledged() -> None:
+    flushes: list[int] = []
+    body = event(event_id=None, metadata={"pad": "x" * 900})
+    record_size = len(orjson.dumps(body))
+    cost = 3 * record_size + 512
+    buffer = PendingEvents(max_pending=1000, flush_max=1000, max_pending_bytes=cost * 10)
+    buffer.request_flush = lambda: flushes.append(len(buffer.pending))
+    statuses = []
+    for i in range(12):
+        identity, accepted = check_event({**body, "user_id": f"u{i}"}, CLOCK)
+        statuses.append(buffer.add_one(identity, accepted, orjson.dumps({**body, "user_id": f"u{i}"})).status)
+    assert statuses == [202] * 10 + [503] * 2
+    assert flushes[0] == 5  # half the bytes bound asks for an early flush
+    assert buffer.backlog_full()
+    many = [check_event({**body, "user_id": f"m{i}"}, CLOCK) for i in range(2)]
+    assert buffer.add_many(many, orjson.dumps([item for _, item in many])) is not None
+    batch = buffer.take()
+    assert batch is not None and len(batch.events) == 10
+    assert buffer.backlog_full(), "the batch in retry still counts"
+    buffer.acknowledge()
+    assert not buffer.backlog_full() and buffer.pending_bytes == buffer.unacknowledged_bytes == 0
+    assert buffer.add_many(many, orjson.dumps([item for _, item in many])) is None
+    assert 0 < buffer.pending_bytes <= 2 * cost + 100
+
+
+def test_one_request_larger_than_the_bytes_bound_is_taken_when_nothing_is_held() -> None:
+    buffer = PendingEvents(max_pending=1000, flush_max=1000, max_pending_bytes=100)
+    identity, accepted = check_event(event(), CLOCK)
+    assert buffer.add_one(identity, accepted, orjson.dumps(event())).status == 202
+    identity, accepted = check_event(event(event_id="Y"), CLOCK)
+    assert buffer.add_one(identity, accepted, orjson.dumps(event(event_id="Y"))).status == 503
+
+
+def test_duplicates_of_an_adopted_batch_are_counted_once_after_its_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastcount.features.events as events_feature
+    from fastcount.features.events.store import Written
+
+    inserted = iter([2, 1, 1, 0])  # attempt 1 (rolled back): 2; attempt 2: whole 1, then its two parts 1 + 0
+
+    async def write_batch(conn: object, batch: object, known: object) -> Written:
+        return Written(inserted=next(inserted))
+
+    monkeypatch.setattr(events_feature, "write_batch", write_batch)
+    buffer = PendingEvents(max_pending=1000, flush_max=1000)
+    records = [orjson.dumps([event(event_id=f"e{i}") for i in range(4)]), orjson.dumps(event(event_id="e0"))]
+    adopted = buffer.replay(records)
+    assert len(adopted.events) == 4
+
+    async def flush() -> None:
+        await buffer.write(None, adopted)  # type: ignore[arg-type]
+        assert buffer.duplicates == 0
+        await buffer.write(None, adopted)  # type: ignore[arg-type]
+        for part in buffer.split(adopted):
+            await buffer.write(None, part)  # type: ignore[arg-type]
+        assert buffer.duplicates == 0, "not before the flusher moved on (after the commit)"
+        assert buffer.take() is None
+
+    asyncio.run(flush())
+    assert buffer.duplicates == 4 - 2
+    assert buffer.take() is None and buffer.duplicates == 2
