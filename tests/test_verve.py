@@ -303,3 +303,20 @@ def test_sigkill_after_ok_still_counts(start_server: StartServer, db: Database, 
     assert ids == set(range(100, 110))
     assert min(stored_ids(db)) >= window
     assert db.query("SELECT endpoint FROM verve_endpoints") == [("http://127.0.0.1:9/",)]
+
+
+def test_a_bad_report_log_path_is_logged_and_the_job_keeps_trying(
+    start_server: StartServer, db: Database, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the log's directory should be")
+    log = blocker / "verve.log"
+    server = serve(start_server, db, log)
+    server.wait_for_log(r"event=verve_job_failed step=report", timeout=30)
+    assert "Traceback" in server.log  # logged as an error, with its cause
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    assert accept(conn, "id=1") == (200, b"ok")
+    conn.close()
+    blocker.unlink()  # the path becomes usable: the job, still running, reports
+    wait_for(lambda: report_lines(log), 60, "a report line once the log path is writable")
+    assert server.process.poll() is None
