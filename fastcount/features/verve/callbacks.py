@@ -21,7 +21,7 @@ import psycopg
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from fastcount.features.verve.reporter import iso
-from fastcount.features.verve.schema import CLAIM_CALLBACKS, RECORD_CALLBACK
+from fastcount.features.verve.schema import CLAIM_CALLBACKS, RECORD_CALLBACK, RELEASE_CALLBACK
 from fastcount.features.verve.settings import AllowList
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ ALWAYS_REFUSED = tuple(
     )
 )
 CLAIM_LIMIT = 64
-OUTCOMES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "refused")
+OUTCOMES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "refused", "cancelled")
 
 
 class TargetRefused(OSError):
@@ -88,7 +88,7 @@ class CheckedResolver(AbstractResolver):
 
 @dataclass(frozen=True)
 class Outcome:
-    outcome: str  # "2xx", "4xx", ..., "error" or "refused"
+    outcome: str  # "2xx", "4xx", ..., "error", "refused" or "cancelled" (stopped while in progress)
     status: int | None
     error: str | None
 
@@ -108,11 +108,12 @@ class Callbacks:
         self.method = method.lower()
         self.allow = allow
         self.timeout = timeout
-        self.slots = asyncio.Semaphore(concurrency)
         self.concurrency = concurrency
         self.session: aiohttp.ClientSession | None = None
         self.running: set[asyncio.Task[None]] = set()
         self.finished: list[tuple[int, str, Outcome]] = []  # to record in PostgreSQL on the next step
+        self.not_started: set[tuple[int, str]] = set()  # claimed, task not yet running
+        self.unstarted: list[tuple[int, str]] = []  # claimed, stopped before the call began: release the claim
         self.by_outcome: dict[str, int] = dict.fromkeys(OUTCOMES, 0)  # metrics
 
     def _session(self) -> aiohttp.ClientSession:
@@ -125,11 +126,12 @@ class Callbacks:
 
     async def step(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self.record(conn)
-        room = self.concurrency * 4 - len(self.running)
+        room = self.concurrency - len(self.running)  # claim only what can start now: a claim is the one attempt
         if room <= 0:
             return
         rows = await (await conn.execute(CLAIM_CALLBACKS, {"me": self.me, "limit": min(room, CLAIM_LIMIT)})).fetchall()
         for window, endpoint, count in rows:
+            self.not_started.add((int(window), str(endpoint)))
             task = asyncio.create_task(self._call(int(window), str(endpoint), int(count)))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
@@ -139,10 +141,24 @@ class Callbacks:
             window, endpoint, result = self.finished[0]
             await conn.execute(RECORD_CALLBACK, (result.outcome, result.status, result.error, window, endpoint))
             self.finished.pop(0)
+        while self.unstarted:
+            window, endpoint = self.unstarted[0]
+            await conn.execute(RELEASE_CALLBACK, {"window": window, "endpoint": endpoint, "me": self.me})
+            self.unstarted.pop(0)
 
     async def _call(self, window: int, endpoint: str, count: int) -> None:
-        async with self.slots:
+        # A task cancelled before its first step never runs this line: its claim stays in `not_started` (released).
+        self.not_started.discard((window, endpoint))
+        try:
             result = await self.call(window, endpoint, count)
+        except asyncio.CancelledError:
+            result = Outcome("cancelled", None, "stopped before an answer")  # may have reached it: not repeated
+            self.by_outcome[result.outcome] += 1
+            self.finished.append((window, endpoint, result))
+            raise
+        except Exception as error:  # a bug must not lose the outcome (nor kill anything)
+            log.exception("event=verve_callback_bug endpoint=%r", endpoint[:200])
+            result = Outcome("error", None, f"{type(error).__name__}: {error}"[:500])
         self.by_outcome[result.outcome] += 1
         self.finished.append((window, endpoint, result))
         log.info(
@@ -183,5 +199,7 @@ class Callbacks:
         for task in list(self.running):
             task.cancel()
         await asyncio.gather(*self.running, return_exceptions=True)
+        self.unstarted.extend(sorted(self.not_started))
+        self.not_started.clear()
         if self.session is not None:
             await self.session.close()

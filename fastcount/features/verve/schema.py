@@ -156,6 +156,12 @@ RECORD_CALLBACK = """
     WHERE window_start = %s AND endpoint = %s
 """
 
+# A claimed callback stopped before it began (at stop or reload): the attempt never happened, another process makes it.
+RELEASE_CALLBACK = """
+    UPDATE verve_endpoints SET attempted_at = NULL, caller = NULL
+    WHERE window_start = %(window)s AND endpoint = %(endpoint)s AND caller = %(me)s AND outcome IS NULL
+"""
+
 # -- retention (one process at a time: an advisory lock, tried, not waited for) --------------------------------------
 RETENTION_LOCK = 0x76657276  # "verv"
 TRY_RETENTION_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"

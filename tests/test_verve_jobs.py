@@ -1,0 +1,69 @@
+"""The verve background steps against a real PostgreSQL, driven directly (no server): callbacks at stop, report
+recording under a lost lease, due-ness from the database's clock, the callback resolver."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from fastcount.features.verve.callbacks import Callbacks
+from fastcount.features.verve.schema import SCHEMA
+from fastcount.features.verve.settings import parse_allow_list
+
+from conftest import Database
+from verve_support import own_database
+
+
+@pytest.fixture
+def db(database: Database) -> Iterator[Database]:
+    with own_database(database) as fresh:
+        for statement in SCHEMA:
+            fresh.query(statement)
+        yield fresh
+
+
+async def _connect(db: Database) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(db.dsn, autocommit=True)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield int(listener.getsockname()[1])
+
+
+def test_callbacks_claim_only_what_starts_and_a_stop_loses_no_claim(db: Database, silent_port: int) -> None:
+    endpoints = [f"http://127.0.0.1:{silent_port}/{n}" for n in range(3)]
+    db.query("INSERT INTO verve_windows (window_start, window_seconds, unique_ids) VALUES (100, 10, 5)")
+    for endpoint in endpoints:
+        db.query("INSERT INTO verve_endpoints (window_start, endpoint) VALUES (100, %s)", (endpoint,))
+
+    async def run() -> None:
+        conn = await _connect(db)
+        try:
+            # One stopped while its call is in progress, one stopped right after its claim (never started).
+            callbacks = Callbacks("me", "get", parse_allow_list(""), 60.0, 1)
+            await callbacks.step(conn)
+            await asyncio.sleep(0.5)
+            await callbacks.close()
+            await callbacks.record(conn)
+            callbacks = Callbacks("me", "get", parse_allow_list(""), 60.0, 1)
+            await callbacks.step(conn)
+            await callbacks.close()
+            await callbacks.record(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    rows = db.query("SELECT endpoint, attempted_at IS NOT NULL, outcome FROM verve_endpoints ORDER BY endpoint")
+    assert sorted((attempted, outcome) for _, attempted, outcome in rows) == [
+        (False, None), (False, None), (True, "cancelled")
+    ], rows  # fmt: skip
