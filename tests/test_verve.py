@@ -76,6 +76,8 @@ def test_accept_contract(start_server: StartServer, db: Database, tmp_path: Path
         "id=28&endpoint=http%3A%2F%2F",
         "id=29&endpoint=http%3A%2F%2Fa%20b%2F", "id=30&endpoint=http%3A%2F%2Fa%2F%FF",
         "id=31&endpoint=http%3A%2F%2Fa%2F" + "x" * 2040,
+        "id=32&endpoint=http%3A%2F%2F%5B%3A%3A1%2Fx", "id=33&endpoint=http%3A%2F%2F%5Bzz%5D%2F",
+        "id=34&endpoint=http%3A%2F%2F%40%2Fx", "id=35&endpoint=http%3A%2F%2F%3A80%2F",
     ]  # fmt: skip
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # one keep-alive connection for all
     for query in good:

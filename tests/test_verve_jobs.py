@@ -67,3 +67,10 @@ def test_callbacks_claim_only_what_starts_and_a_stop_loses_no_claim(db: Database
     assert sorted((attempted, outcome) for _, attempted, outcome in rows) == [
         (False, None), (False, None), (True, "cancelled")
     ], rows  # fmt: skip
+
+
+def test_a_stored_endpoint_that_does_not_parse_is_recorded_as_an_error() -> None:
+    callbacks = Callbacks("me", "get", parse_allow_list(""), 5.0, 1)
+    for endpoint in ("http://[::1/x", "http://[zz]/"):
+        result = asyncio.run(callbacks.call(100, endpoint, 1))
+        assert result.outcome == "error", endpoint

@@ -60,9 +60,12 @@ def test_endpoints() -> None:
     assert parse_endpoint(b"https%3A%2F%2Fexample.com%2Fcb%3Fa%3D1%26b%3D2") == "https://example.com/cb?a=1&b=2"
     assert parse_endpoint(b"HTTP://Example.com") == "HTTP://Example.com"
     assert parse_endpoint(b"http://h/" + b"a" * (2048 - 9)) is not None
+    assert parse_endpoint(b"http://[::1]:8080/x") == "http://[::1]:8080/x"
+    assert parse_endpoint(b"http://user@h/x") == "http://user@h/x"
     for bad in [b"", b"ftp://example.com/", b"example.com/cb", b"http://", b"http:///path", b"http://a b/",
                 b"http%3A%2F%2Fa%20b", b"http://a/%00", b"http://a/%ff", b"//example.com", b"javascript:alert(1)",
-                b"http://h/" + b"a" * (2048 - 8)]:  # fmt: skip
+                b"http://h/" + b"a" * (2048 - 8), b"http://[::1/x", b"http://[zz]/", b"http://@/x", b"http://:80/",
+                b"http://a:99999/", b"http://a:x/"]:  # fmt: skip
         assert parse_endpoint(bad) is None, bad
 
 

@@ -167,9 +167,12 @@ class Callbacks:
         )  # fmt: skip
 
     async def call(self, window: int, endpoint: str, count: int) -> Outcome:
-        host = urlsplit(endpoint).hostname or ""
         try:
-            literal: IPAddress | None = ipaddress.ip_address(host)
+            host = urlsplit(endpoint).hostname or ""
+        except ValueError as error:  # stored before the request path checked hosts: an error, recorded
+            return Outcome("error", None, f"bad endpoint: {error}"[:500])
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host.split("%")[0])
         except ValueError:
             literal = None
         if literal is not None:  # aiohttp connects to an address literal without asking the resolver
