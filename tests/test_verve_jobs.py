@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from fastcount.features.verve.callbacks import Callbacks
+from fastcount.features.verve.reporter import Reporter
 from fastcount.features.verve.schema import SCHEMA
 from fastcount.features.verve.settings import parse_allow_list
 
 from conftest import Database
-from verve_support import own_database
+from verve_support import own_database, report_lines
 
 
 @pytest.fixture
@@ -74,3 +76,29 @@ def test_a_stored_endpoint_that_does_not_parse_is_recorded_as_an_error() -> None
     for endpoint in ("http://[::1/x", "http://[zz]/"):
         result = asyncio.run(callbacks.call(100, endpoint, 1))
         assert result.outcome == "error", endpoint
+
+
+def test_a_claimer_whose_lease_was_taken_over_still_records_once_and_writes_the_one_line(
+    db: Database, tmp_path: Path
+) -> None:
+    log = tmp_path / "verve.log"
+    db.query("UPDATE verve_meta SET value = value - 10 WHERE name = 'first_start'")  # a few windows are due
+
+    class SlowReporter(Reporter):
+        def _failpoint(self) -> None:  # between the claim and the count: another process takes the window over
+            db.query("UPDATE verve_windows SET claimed_by = 'thief', claims = claims + 1 WHERE unique_ids IS NULL")
+
+    async def run() -> None:
+        conn = await _connect(db)
+        try:
+            reporter = SlowReporter("slow", 2, 0.1, 0.5, False, str(log), 3600.0, 86400.0)
+            reported = await reporter.step(conn)
+            assert reported, "the slow claimer recorded what nobody else had"
+            assert await Reporter("thief", 2, 0.1, 0.5, False, str(log), 3600.0, 86400.0).step(conn) == []
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    lines = report_lines(log)
+    assert len(lines) == len({start for start, _, _ in lines}) == len(db.query("SELECT 1 FROM verve_windows"))
+    assert db.query("SELECT DISTINCT reported_by FROM verve_windows") == [("slow",)]

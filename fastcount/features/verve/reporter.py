@@ -1,7 +1,8 @@
 """Window reports, exactly once across every process sharing the database: make sure a row exists for each due
-window, claim one with a lease (`FOR UPDATE SKIP LOCKED`), count its ids, record the count (only the lease holder,
-only once), then write the one report line. A claimer that dies leaves a lease that expires; another process then
-claims the window and reports it. The master takes no part (it opens no database connection).
+window, claim one with a lease (`FOR UPDATE SKIP LOCKED`), count its ids, record the count (the first claimer to
+finish, only once: `WHERE unique_ids IS NULL ... RETURNING`), then the one that recorded writes the one report line. A
+claimer that dies leaves a lease that expires; another process then claims the window and reports it; a claimer slower
+than its lease still records if it finishes first. The master takes no part (it opens no database connection).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Reporter:
             values = {"count": count, "me": self.me, "kafka": self.kafka, "window": window}
             recorded = await (await conn.execute(RECORD_REPORT, values)).fetchone()
             if recorded is None:
-                log.warning("event=verve_claim_lost window_start=%s", iso(window))
+                log.warning("event=verve_already_reported window_start=%s", iso(window))
                 continue
             self.reports += 1
             reported.append(window)

@@ -97,12 +97,14 @@ CLAIM_WINDOW = """
     RETURNING w.window_start, w.window_seconds, w.claims
 """
 COUNT_IDS = "SELECT count(*) FROM verve_ids WHERE window_start = %s"
-# Only the holder of the claim records, and only once: a claimer whose lease was taken over records nothing.
+# The first claimer to finish records, once: a claimer whose lease expired while it counted (a count slower than the
+# lease) still records if nobody did, so a slow window is not taken over again and again; a later recorder finds
+# unique_ids set, records nothing and writes no line. Counts of a closed window agree: ids past the grace are late.
 RECORD_REPORT = """
     UPDATE verve_windows
     SET unique_ids = %(count)s, reported_by = %(me)s, reported_at = now(), lease_until = NULL,
         kafka_pending = %(kafka)s
-    WHERE window_start = %(window)s AND claimed_by = %(me)s AND unique_ids IS NULL
+    WHERE window_start = %(window)s AND unique_ids IS NULL
     RETURNING window_start
 """
 
