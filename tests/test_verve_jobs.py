@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,24 @@ def test_a_claimer_whose_lease_was_taken_over_still_records_once_and_writes_the_
     lines = report_lines(log)
     assert len(lines) == len({start for start, _, _ in lines}) == len(db.query("SELECT 1 FROM verve_windows"))
     assert db.query("SELECT DISTINCT reported_by FROM verve_windows") == [("slow",)]
+
+
+def test_due_windows_follow_the_database_clock_not_the_local_one(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db.query("UPDATE verve_meta SET value = value - 10 WHERE name = 'first_start'")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600.0)  # this instance's clock runs an hour fast
+
+    async def run() -> list[int]:
+        conn = await _connect(db)
+        try:
+            return await Reporter("fast", 2, 0.1, 5.0, False, str(tmp_path / "verve.log"), 3600.0, 86400.0).step(conn)
+        finally:
+            await conn.close()
+
+    reported = asyncio.run(run())
+    db_now = float(db.query("SELECT extract(epoch FROM now())::float8")[0][0])  # type: ignore[arg-type]
+    assert reported, "windows due by the database's clock are reported"
+    assert max(reported) + 2 <= db_now, "no window still open by the database's clock"
+    assert max(int(row[0]) for row in db.query("SELECT window_start FROM verve_windows")) + 2 <= db_now  # type: ignore[call-overload]

@@ -73,6 +73,7 @@ INSERT_ENDPOINTS = """
 """
 
 # -- reports ----------------------------------------------------------------------------------------------------------
+DATABASE_NOW = "SELECT extract(epoch FROM now())::float8"  # the cluster's one clock: what is due is decided by it
 FIRST_WINDOW_SOURCES = """
     SELECT (SELECT value FROM verve_meta WHERE name = 'first_start'),
            (SELECT min(window_start) FROM verve_ids),
