@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from fastcount.features.verve.callbacks import Callbacks
+from fastcount.features.verve.callbacks import Callbacks, Outcome
 from fastcount.features.verve.reporter import Reporter
 from fastcount.features.verve.schema import SCHEMA
 from fastcount.features.verve.settings import parse_allow_list
@@ -124,3 +125,34 @@ def test_due_windows_follow_the_database_clock_not_the_local_one(
     assert reported, "windows due by the database's clock are reported"
     assert max(reported) + 2 <= db_now, "no window still open by the database's clock"
     assert max(int(row[0]) for row in db.query("SELECT window_start FROM verve_windows")) + 2 <= db_now  # type: ignore[call-overload]
+
+
+def test_a_callback_does_not_read_an_endless_body() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = int(listener.getsockname()[1])
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n" + b"x" * 65536)
+                done.wait(120)  # the rest of the body never comes
+
+        done = threading.Event()
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        try:
+            callbacks = Callbacks("me", "get", parse_allow_list(""), 60.0, 1)
+
+            async def run() -> Outcome:
+                try:
+                    return await callbacks.call(100, f"http://127.0.0.1:{port}/big", 1)
+                finally:
+                    await callbacks.close()
+
+            assert asyncio.run(run()) == Outcome("2xx", 200, None)
+        finally:
+            done.set()
+            thread.join(10)

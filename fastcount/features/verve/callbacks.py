@@ -37,6 +37,7 @@ ALWAYS_REFUSED = tuple(
     )
 )
 CLAIM_LIMIT = 64
+BODY_READ_LIMIT = 4096
 OUTCOMES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "refused", "cancelled")
 
 
@@ -186,8 +187,8 @@ class Callbacks:
                                        allow_redirects=False)  # fmt: skip
             else:
                 request = session.get(callback_url(endpoint, count), allow_redirects=False)
-            async with request as response:
-                await response.read()
+            async with request as response:  # the status is the outcome: the body is read no further than a few KB
+                await response.content.read(BODY_READ_LIMIT)
                 return Outcome(f"{response.status // 100}xx", response.status, None)
         except aiohttp.ClientConnectorError as error:
             if isinstance(error.os_error, TargetRefused):
