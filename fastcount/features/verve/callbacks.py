@@ -2,8 +2,10 @@
 its count. One attempt per (window, endpoint): the claim in PostgreSQL is the attempt, so no process repeats it.
 Calls run off the request path, at most --verve-callback-concurrency at once per worker, each with a timeout, never
 following redirects. The host is resolved and every address checked before the connection (which then uses only the
-checked addresses): link-local and cloud-metadata addresses are always refused, and --verve-callback-allow narrows
-the rest. Each outcome (HTTP status, error or refusal) is recorded in verve_endpoints and logged.
+checked addresses): unspecified, link-local and cloud-metadata addresses are always refused (also wrapped in IPv6:
+IPv4-mapped, NAT64, 6to4, Teredo, IPv4-compatible); loopback and private addresses are allowed unless
+--verve-callback-allow, which narrows the rest, leaves them out. Each outcome (HTTP status, error or refusal) is
+recorded in verve_endpoints and logged.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ALWAYS_REFUSED = tuple(
     ipaddress.ip_network(network)
     for network in (
+        "0.0.0.0/8",  # unspecified ("this network"): 0.0.0.0 reaches the local host
+        "::/128",  # IPv6 unspecified
         "169.254.0.0/16",  # IPv4 link-local, and the metadata service of most clouds (169.254.169.254)
         "fe80::/10",  # IPv6 link-local
         "fd00:ec2::254/128",  # AWS metadata over IPv6
         "100.100.100.200/32",  # Alibaba Cloud metadata
     )
 )
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
 CLAIM_LIMIT = 64
 BODY_READ_LIMIT = 4096
 OUTCOMES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "refused", "cancelled")
@@ -45,15 +50,33 @@ class TargetRefused(OSError):
     """The callback's host resolves to an address we never call."""
 
 
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address wraps (IPv4-mapped, NAT64 64:ff9b::/96, 6to4, Teredo, IPv4-compatible)."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if int(address) >> 32 == 0 and int(address) > 1:  # ::a.b.c.d (deprecated IPv4-compatible); not :: or ::1
+        return ipaddress.IPv4Address(int(address))
+    return None
+
+
 def refusal(host: str, addresses: list[IPAddress], allow: AllowList) -> str | None:
-    """Why a host with these addresses must not be called, or None. Every address must pass."""
+    """Why a host with these addresses must not be called, or None. Every address must pass. Unspecified, link-local
+    and cloud-metadata addresses are refused always, also wrapped in IPv6; loopback and private addresses pass unless
+    --verve-callback-allow (not empty) leaves them out."""
     if not addresses:
         return "no address"
     for address in addresses:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if any(address in network for network in ALWAYS_REFUSED):
-            return f"link-local or cloud-metadata address {address}"
+        for candidate in (address, embedded_ipv4(address)):
+            if candidate is not None and any(candidate in network for network in ALWAYS_REFUSED):
+                return f"unspecified, link-local or cloud-metadata address {address}"
     if allow.empty or host.lower().rstrip(".") in allow.hosts:
         return None
     for address in addresses:
