@@ -2,7 +2,8 @@
 the database, then logged, published to Kafka (an outbox) and sent to the window's callback endpoints.
 
 The request path (accept.py) only parses, deduplicates in memory and journals; the flusher writes ids and endpoints;
-one background job per worker, on its own connection, runs the reporter, the Kafka outbox and the callbacks in turn.
+one background job per worker, on its own connection, runs the reporter and the callbacks in turn; with Kafka, a second
+job on its own connection runs the outbox (so its leases are renewed however long a report takes).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 JOB_ERROR_LOG_EVERY = 30.0
 JOB_MAX_DELAY = 5.0
+Step = Callable[[psycopg.AsyncConnection[Any]], Coroutine[Any, Any, None]]
 
 
 class VerveFeature(Feature):
@@ -90,24 +92,28 @@ class VerveFeature(Feature):
     # -- background ---------------------------------------------------------------------------------------------------
 
     def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
-        return [self.report_and_notify]
+        jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [self.report_and_notify]
+        if self.verve.kafka_bootstrap:
+            jobs.append(self.publish)
+        return jobs
 
     def log_path(self) -> str:
         return self.verve.verve_log or str(Path(self.context.settings.data_dir) / "verve.log")
 
     async def report_and_notify(self) -> None:
-        """One loop, one connection: report due windows, publish reports to Kafka, call endpoints. Each step is built
-        and run on its own: a step that fails (a database error, a bad --verve-log path, a Kafka error, a bug) is
-        logged at most once per JOB_ERROR_LOG_EVERY seconds, the loop backs off and tries again; the other steps go
-        on. A database error (or a connection left inside a transaction) gets a new connection."""
-        steps: list[tuple[str, Callable[[psycopg.AsyncConnection[Any]], Coroutine[Any, Any, None]]]] = [
-            ("report", self._report_step)
-        ]
-        if self.verve.kafka_bootstrap:
-            steps.append(("kafka", self._outbox_step))
-        steps.append(("callbacks", self._callbacks_step))
+        """One loop, one connection: report due windows, then call endpoints. Each step is built and run on its own:
+        a step that fails (a database error, a bad --verve-log path, a bug) is logged at most once per
+        JOB_ERROR_LOG_EVERY seconds, the loop backs off and tries again; the other step goes on. A database error (or
+        a connection left inside a transaction) gets a new connection."""
         interval = min(1.0, max(0.1, self.verve.verve_window / 8))
-        await self._run_job(steps, interval)
+        steps: list[tuple[str, Step]] = [("report", self._report_step), ("callbacks", self._callbacks_step)]
+        await self._run_job(steps, interval, self._finish_callbacks)
+
+    async def publish(self) -> None:
+        """The Kafka outbox on its own loop and connection, every quarter lease (at most a second): the publish
+        leases of messages in the producer are renewed however long a report or a callback step takes."""
+        interval = min(1.0, max(0.1, self.verve.verve_lease / 4))
+        await self._run_job([("kafka", self._outbox_step)], interval, self._finish_outbox)
 
     async def _report_step(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if self.reporter is None:
@@ -135,8 +141,9 @@ class VerveFeature(Feature):
 
     async def _run_job(
         self,
-        steps: list[tuple[str, Callable[[psycopg.AsyncConnection[Any]], Coroutine[Any, Any, None]]]],
+        steps: list[tuple[str, Step]],
         interval: float,
+        finish: Callable[[psycopg.AsyncConnection[Any] | None], Coroutine[Any, Any, None]],
     ) -> None:
         settings = self.context.settings
         conn: psycopg.AsyncConnection[Any] | None = None
@@ -172,26 +179,29 @@ class VerveFeature(Feature):
                 delay = min(JOB_MAX_DELAY, max(interval, delay * 2)) if failed else 0.0
                 self._log_dropped_endpoints()
         finally:
-            await self._finish(conn)
+            try:
+                await finish(conn)
+            except Exception as error:
+                log.warning("event=verve_stop_incomplete error=%r", f"{type(error).__name__}: {error}")
+            finally:
+                if conn is not None:
+                    await _close(conn)
 
-    async def _finish(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
-        """At stop: let queued Kafka messages be delivered and record what was, then close."""
-        try:
-            if self.outbox is not None:
-                await self.outbox.close()
-                if conn is not None and not conn.closed:
-                    async with asyncio.timeout(5):
-                        await self.outbox.record_deliveries(conn)
-            if self.callbacks is not None:
-                await self.callbacks.close()
-                if conn is not None and not conn.closed:
-                    async with asyncio.timeout(5):
-                        await self.callbacks.record(conn)
-        except Exception as error:
-            log.warning("event=verve_stop_incomplete error=%r", f"{type(error).__name__}: {error}")
-        finally:
-            if conn is not None:
-                await _close(conn)
+    async def _finish_outbox(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        """At stop: let queued Kafka messages be delivered and record what was."""
+        if self.outbox is not None:
+            await self.outbox.close()
+            if conn is not None and not conn.closed:
+                async with asyncio.timeout(5):
+                    await self.outbox.record_deliveries(conn)
+
+    async def _finish_callbacks(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        """At stop: cancel calls in progress, record them (cancelled) and release the claims of those not started."""
+        if self.callbacks is not None:
+            await self.callbacks.close()
+            if conn is not None and not conn.closed:
+                async with asyncio.timeout(5):
+                    await self.callbacks.record(conn)
 
     def _log_dropped_endpoints(self) -> None:
         dropped = self.ids.endpoints_dropped
