@@ -76,6 +76,8 @@ def test_accept_contract(start_server: StartServer, db: Database, tmp_path: Path
         "id=28&endpoint=http%3A%2F%2F",
         "id=29&endpoint=http%3A%2F%2Fa%20b%2F", "id=30&endpoint=http%3A%2F%2Fa%2F%FF",
         "id=31&endpoint=http%3A%2F%2Fa%2F" + "x" * 2040,
+        "id=32&endpoint=http%3A%2F%2F%5B%3A%3A1%2Fx", "id=33&endpoint=http%3A%2F%2F%5Bzz%5D%2F",
+        "id=34&endpoint=http%3A%2F%2F%40%2Fx", "id=35&endpoint=http%3A%2F%2F%3A80%2F",
     ]  # fmt: skip
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # one keep-alive connection for all
     for query in good:
@@ -303,3 +305,20 @@ def test_sigkill_after_ok_still_counts(start_server: StartServer, db: Database, 
     assert ids == set(range(100, 110))
     assert min(stored_ids(db)) >= window
     assert db.query("SELECT endpoint FROM verve_endpoints") == [("http://127.0.0.1:9/",)]
+
+
+def test_a_bad_report_log_path_is_logged_and_the_job_keeps_trying(
+    start_server: StartServer, db: Database, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the log's directory should be")
+    log = blocker / "verve.log"
+    server = serve(start_server, db, log)
+    server.wait_for_log(r"event=verve_job_failed step=report", timeout=30)
+    assert "Traceback" in server.log  # logged as an error, with its cause
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    assert accept(conn, "id=1") == (200, b"ok")
+    conn.close()
+    blocker.unlink()  # the path becomes usable: the job, still running, reports
+    wait_for(lambda: report_lines(log), 60, "a report line once the log path is writable")
+    assert server.process.poll() is None

@@ -60,9 +60,12 @@ def test_endpoints() -> None:
     assert parse_endpoint(b"https%3A%2F%2Fexample.com%2Fcb%3Fa%3D1%26b%3D2") == "https://example.com/cb?a=1&b=2"
     assert parse_endpoint(b"HTTP://Example.com") == "HTTP://Example.com"
     assert parse_endpoint(b"http://h/" + b"a" * (2048 - 9)) is not None
+    assert parse_endpoint(b"http://[::1]:8080/x") == "http://[::1]:8080/x"
+    assert parse_endpoint(b"http://user@h/x") == "http://user@h/x"
     for bad in [b"", b"ftp://example.com/", b"example.com/cb", b"http://", b"http:///path", b"http://a b/",
                 b"http%3A%2F%2Fa%20b", b"http://a/%00", b"http://a/%ff", b"//example.com", b"javascript:alert(1)",
-                b"http://h/" + b"a" * (2048 - 8)]:  # fmt: skip
+                b"http://h/" + b"a" * (2048 - 8), b"http://[::1/x", b"http://[zz]/", b"http://@/x", b"http://:80/",
+                b"http://a:99999/", b"http://a:x/"]:  # fmt: skip
         assert parse_endpoint(bad) is None, bad
 
 
@@ -103,6 +106,19 @@ def test_refused_callback_targets() -> None:
     assert refusal("h", [ip("93.184.216.34"), ip("fe80::1")], everything) is not None  # every address counts
     assert refusal("h", [ip("::ffff:169.254.169.254")], everything) is not None
     assert refusal("h", [], everything) is not None
+    for wrapped in ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0", "64:ff9b::a9fe:a9fe", "64:ff9b::169.254.169.254",
+                    "2002:a9fe:a9fe::1", "::169.254.169.254", "2001:0:4136:e378:8000:63bf:5601:5601",
+                    "64:ff9b::6464:64c8"]:  # fmt: skip
+        assert refusal("h", [ip(wrapped)], everything) is not None, wrapped
+    for allowed_by_default in [
+        "127.0.0.1",
+        "::1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "64:ff9b::5db8:d822",
+        "2002:5db8:d822::1",
+    ]:
+        assert refusal("h", [ip(allowed_by_default)], everything) is None, allowed_by_default
     allow = parse_allow_list("hooks.example.com, 10.0.0.0/8")
     assert refusal("hooks.example.com", [ip("93.184.216.34")], allow) is None
     assert refusal("other", [ip("10.1.2.3")], allow) is None

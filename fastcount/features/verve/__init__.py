@@ -2,7 +2,8 @@
 the database, then logged, published to Kafka (an outbox) and sent to the window's callback endpoints.
 
 The request path (accept.py) only parses, deduplicates in memory and journals; the flusher writes ids and endpoints;
-one background job per worker, on its own connection, runs the reporter, the Kafka outbox and the callbacks in turn.
+one background job per worker, on its own connection, runs the reporter and the callbacks in turn; with Kafka, a second
+job on its own connection runs the outbox (so its leases are renewed however long a report takes).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 JOB_ERROR_LOG_EVERY = 30.0
 JOB_MAX_DELAY = 5.0
+Step = Callable[[psycopg.AsyncConnection[Any]], Coroutine[Any, Any, None]]
 
 
 class VerveFeature(Feature):
@@ -90,72 +92,116 @@ class VerveFeature(Feature):
     # -- background ---------------------------------------------------------------------------------------------------
 
     def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
-        return [self.report_and_notify]
+        jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [self.report_and_notify]
+        if self.verve.kafka_bootstrap:
+            jobs.append(self.publish)
+        return jobs
 
     def log_path(self) -> str:
         return self.verve.verve_log or str(Path(self.context.settings.data_dir) / "verve.log")
 
     async def report_and_notify(self) -> None:
-        """One loop, one connection: report due windows, publish reports to Kafka, call endpoints; on a database
-        error, back off and start over with a new connection."""
-        verve = self.verve
-        settings = self.context.settings
-        self.reporter = Reporter(
-            self.me, verve.verve_window, verve.grace(settings.flush_interval), verve.verve_lease,
-            bool(verve.kafka_bootstrap), self.log_path(), verve.verve_retention, verve.verve_report_retention,
-        )  # fmt: skip
-        if verve.kafka_bootstrap:
+        """One loop, one connection: report due windows, then call endpoints. Each step is built and run on its own:
+        a step that fails (a database error, a bad --verve-log path, a bug) is logged at most once per
+        JOB_ERROR_LOG_EVERY seconds, the loop backs off and tries again; the other step goes on. A database error (or
+        a connection left inside a transaction) gets a new connection."""
+        interval = min(1.0, max(0.1, self.verve.verve_window / 8))
+        steps: list[tuple[str, Step]] = [("report", self._report_step), ("callbacks", self._callbacks_step)]
+        await self._run_job(steps, interval, self._finish_callbacks)
+
+    async def publish(self) -> None:
+        """The Kafka outbox on its own loop and connection, every quarter lease (at most a second): the publish
+        leases of messages in the producer are renewed however long a report or a callback step takes."""
+        interval = min(1.0, max(0.1, self.verve.verve_lease / 4))
+        await self._run_job([("kafka", self._outbox_step)], interval, self._finish_outbox)
+
+    async def _report_step(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self.reporter is None:
+            verve = self.verve
+            self.reporter = Reporter(
+                self.me, verve.verve_window, verve.grace(self.context.settings.flush_interval), verve.verve_lease,
+                bool(verve.kafka_bootstrap), self.log_path(), verve.verve_retention, verve.verve_report_retention,
+            )  # fmt: skip
+        await self.reporter.step(conn)
+
+    async def _outbox_step(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self.outbox is None:
+            verve = self.verve
             self.outbox = KafkaOutbox(self.me, verve.kafka_bootstrap, verve.kafka_topic, verve.verve_lease)
-        self.callbacks = Callbacks(
-            self.me, verve.verve_callback_method, verve.allow_list, verve.verve_callback_timeout,
-            verve.verve_callback_concurrency,
-        )  # fmt: skip
-        interval = min(1.0, max(0.1, verve.verve_window / 8))
+        await self.outbox.step(conn)
+
+    async def _callbacks_step(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self.callbacks is None:
+            verve = self.verve
+            self.callbacks = Callbacks(
+                self.me, verve.verve_callback_method, verve.allow_list, verve.verve_callback_timeout,
+                verve.verve_callback_concurrency,
+            )  # fmt: skip
+        await self.callbacks.step(conn)
+
+    async def _run_job(
+        self,
+        steps: list[tuple[str, Step]],
+        interval: float,
+        finish: Callable[[psycopg.AsyncConnection[Any] | None], Coroutine[Any, Any, None]],
+    ) -> None:
+        settings = self.context.settings
         conn: psycopg.AsyncConnection[Any] | None = None
         delay = 0.0
-        last_error_log = -JOB_ERROR_LOG_EVERY
+        last_error_log: dict[str, float] = {}
         try:
             while True:
                 await asyncio.sleep(delay or interval)
-                try:
-                    async with asyncio.timeout(settings.flush_timeout + 5):
-                        if conn is None or conn.closed:
-                            conn = await connect(self.context.dsn, statement_timeout=settings.flush_timeout)
-                        await self.reporter.step(conn)
-                        if self.outbox is not None:
-                            await self.outbox.step(conn)
-                        await self.callbacks.step(conn)
-                    delay = 0.0
-                except (psycopg.Error, OSError, TimeoutError) as error:
-                    delay = min(JOB_MAX_DELAY, max(interval, delay * 2))
-                    if time.monotonic() - last_error_log >= JOB_ERROR_LOG_EVERY:
-                        last_error_log = time.monotonic()
-                        log.warning("event=verve_job_failed retry_in=%.1fs error=%r", delay, str(error).strip())
-                    if conn is not None:
-                        await _close(conn)
-                        conn = None
+                failed = False
+                for what, step in steps:
+                    try:
+                        async with asyncio.timeout(settings.flush_timeout + 5):
+                            if conn is None or conn.closed:
+                                conn = await connect(self.context.dsn, statement_timeout=settings.flush_timeout)
+                            await step(conn)
+                    except Exception as error:  # a background job must outlive any one failure
+                        failed = True
+                        retry = min(JOB_MAX_DELAY, max(interval, delay * 2))
+                        if time.monotonic() - last_error_log.get(what, -JOB_ERROR_LOG_EVERY) >= JOB_ERROR_LOG_EVERY:
+                            last_error_log[what] = time.monotonic()
+                            if isinstance(error, (psycopg.Error, TimeoutError)):
+                                log.warning("event=verve_job_failed step=%s retry_in=%.1fs error=%r", what, retry,
+                                            str(error).strip())  # fmt: skip
+                            else:
+                                log.exception("event=verve_job_failed step=%s retry_in=%.1fs error=%r", what, retry,
+                                              f"{type(error).__name__}: {error}")  # fmt: skip
+                        if conn is not None and (
+                            isinstance(error, (psycopg.Error, TimeoutError))
+                            or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+                        ):
+                            await _close(conn)
+                            conn = None
+                delay = min(JOB_MAX_DELAY, max(interval, delay * 2)) if failed else 0.0
                 self._log_dropped_endpoints()
         finally:
-            await self._finish(conn)
+            try:
+                await finish(conn)
+            except Exception as error:
+                log.warning("event=verve_stop_incomplete error=%r", f"{type(error).__name__}: {error}")
+            finally:
+                if conn is not None:
+                    await _close(conn)
 
-    async def _finish(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
-        """At stop: let queued Kafka messages be delivered and record what was, then close."""
-        try:
-            if self.outbox is not None:
-                await self.outbox.close()
-                if conn is not None and not conn.closed:
-                    async with asyncio.timeout(5):
-                        await self.outbox.record_deliveries(conn)
-            if self.callbacks is not None:
-                await self.callbacks.close()
-                if conn is not None and not conn.closed:
-                    async with asyncio.timeout(5):
-                        await self.callbacks.record(conn)
-        except (psycopg.Error, OSError, TimeoutError) as error:
-            log.warning("event=verve_stop_incomplete error=%r", str(error).strip())
-        finally:
-            if conn is not None:
-                await _close(conn)
+    async def _finish_outbox(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        """At stop: let queued Kafka messages be delivered and record what was."""
+        if self.outbox is not None:
+            await self.outbox.close()
+            if conn is not None and not conn.closed:
+                async with asyncio.timeout(5):
+                    await self.outbox.record_deliveries(conn)
+
+    async def _finish_callbacks(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        """At stop: cancel calls in progress, record them (cancelled) and release the claims of those not started."""
+        if self.callbacks is not None:
+            await self.callbacks.close()
+            if conn is not None and not conn.closed:
+                async with asyncio.timeout(5):
+                    await self.callbacks.record(conn)
 
     def _log_dropped_endpoints(self) -> None:
         dropped = self.ids.endpoints_dropped

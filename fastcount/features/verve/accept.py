@@ -13,7 +13,7 @@ import re
 import struct
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import orjson
 import psycopg
@@ -88,9 +88,14 @@ def parse_endpoint(raw: bytes) -> str | None:
     if not rest or rest[:1] in b"/?#" or _UNSAFE_IN_URL(raw):
         return None  # no host
     try:
-        return raw.decode()
-    except UnicodeDecodeError:
+        endpoint = raw.decode()
+        parts = urlsplit(endpoint)
+        if not parts.hostname:  # "http://@/x", "http://:80/"
+            return None
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number in range)
+    except (UnicodeDecodeError, ValueError):  # "http://[::1/x", "http://[zz]/"
         return None
+    return endpoint
 
 
 class PendingIds(FlushBuffer):

@@ -2,8 +2,10 @@
 its count. One attempt per (window, endpoint): the claim in PostgreSQL is the attempt, so no process repeats it.
 Calls run off the request path, at most --verve-callback-concurrency at once per worker, each with a timeout, never
 following redirects. The host is resolved and every address checked before the connection (which then uses only the
-checked addresses): link-local and cloud-metadata addresses are always refused, and --verve-callback-allow narrows
-the rest. Each outcome (HTTP status, error or refusal) is recorded in verve_endpoints and logged.
+checked addresses): unspecified, link-local and cloud-metadata addresses are always refused (also wrapped in IPv6:
+IPv4-mapped, NAT64, 6to4, Teredo, IPv4-compatible); loopback and private addresses are allowed unless
+--verve-callback-allow, which narrows the rest, leaves them out. Each outcome (HTTP status, error or refusal) is
+recorded in verve_endpoints and logged.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import psycopg
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from fastcount.features.verve.reporter import iso
-from fastcount.features.verve.schema import CLAIM_CALLBACKS, RECORD_CALLBACK
+from fastcount.features.verve.schema import CLAIM_CALLBACKS, RECORD_CALLBACK, RELEASE_CALLBACK
 from fastcount.features.verve.settings import AllowList
 
 log = logging.getLogger(__name__)
@@ -30,29 +32,51 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ALWAYS_REFUSED = tuple(
     ipaddress.ip_network(network)
     for network in (
+        "0.0.0.0/8",  # unspecified ("this network"): 0.0.0.0 reaches the local host
+        "::/128",  # IPv6 unspecified
         "169.254.0.0/16",  # IPv4 link-local, and the metadata service of most clouds (169.254.169.254)
         "fe80::/10",  # IPv6 link-local
         "fd00:ec2::254/128",  # AWS metadata over IPv6
         "100.100.100.200/32",  # Alibaba Cloud metadata
     )
 )
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
 CLAIM_LIMIT = 64
-OUTCOMES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "refused")
+BODY_READ_LIMIT = 4096
+OUTCOMES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "refused", "cancelled")
 
 
 class TargetRefused(OSError):
     """The callback's host resolves to an address we never call."""
 
 
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address wraps (IPv4-mapped, NAT64 64:ff9b::/96, 6to4, Teredo, IPv4-compatible)."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if int(address) >> 32 == 0 and int(address) > 1:  # ::a.b.c.d (deprecated IPv4-compatible); not :: or ::1
+        return ipaddress.IPv4Address(int(address))
+    return None
+
+
 def refusal(host: str, addresses: list[IPAddress], allow: AllowList) -> str | None:
-    """Why a host with these addresses must not be called, or None. Every address must pass."""
+    """Why a host with these addresses must not be called, or None. Every address must pass. Unspecified, link-local
+    and cloud-metadata addresses are refused always, also wrapped in IPv6; loopback and private addresses pass unless
+    --verve-callback-allow (not empty) leaves them out."""
     if not addresses:
         return "no address"
     for address in addresses:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if any(address in network for network in ALWAYS_REFUSED):
-            return f"link-local or cloud-metadata address {address}"
+        for candidate in (address, embedded_ipv4(address)):
+            if candidate is not None and any(candidate in network for network in ALWAYS_REFUSED):
+                return f"unspecified, link-local or cloud-metadata address {address}"
     if allow.empty or host.lower().rstrip(".") in allow.hosts:
         return None
     for address in addresses:
@@ -88,7 +112,7 @@ class CheckedResolver(AbstractResolver):
 
 @dataclass(frozen=True)
 class Outcome:
-    outcome: str  # "2xx", "4xx", ..., "error" or "refused"
+    outcome: str  # "2xx", "4xx", ..., "error", "refused" or "cancelled" (stopped while in progress)
     status: int | None
     error: str | None
 
@@ -108,11 +132,12 @@ class Callbacks:
         self.method = method.lower()
         self.allow = allow
         self.timeout = timeout
-        self.slots = asyncio.Semaphore(concurrency)
         self.concurrency = concurrency
         self.session: aiohttp.ClientSession | None = None
         self.running: set[asyncio.Task[None]] = set()
         self.finished: list[tuple[int, str, Outcome]] = []  # to record in PostgreSQL on the next step
+        self.not_started: set[tuple[int, str]] = set()  # claimed, task not yet running
+        self.unstarted: list[tuple[int, str]] = []  # claimed, stopped before the call began: release the claim
         self.by_outcome: dict[str, int] = dict.fromkeys(OUTCOMES, 0)  # metrics
 
     def _session(self) -> aiohttp.ClientSession:
@@ -125,11 +150,12 @@ class Callbacks:
 
     async def step(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self.record(conn)
-        room = self.concurrency * 4 - len(self.running)
+        room = self.concurrency - len(self.running)  # claim only what can start now: a claim is the one attempt
         if room <= 0:
             return
         rows = await (await conn.execute(CLAIM_CALLBACKS, {"me": self.me, "limit": min(room, CLAIM_LIMIT)})).fetchall()
         for window, endpoint, count in rows:
+            self.not_started.add((int(window), str(endpoint)))
             task = asyncio.create_task(self._call(int(window), str(endpoint), int(count)))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
@@ -139,10 +165,24 @@ class Callbacks:
             window, endpoint, result = self.finished[0]
             await conn.execute(RECORD_CALLBACK, (result.outcome, result.status, result.error, window, endpoint))
             self.finished.pop(0)
+        while self.unstarted:
+            window, endpoint = self.unstarted[0]
+            await conn.execute(RELEASE_CALLBACK, {"window": window, "endpoint": endpoint, "me": self.me})
+            self.unstarted.pop(0)
 
     async def _call(self, window: int, endpoint: str, count: int) -> None:
-        async with self.slots:
+        # A task cancelled before its first step never runs this line: its claim stays in `not_started` (released).
+        self.not_started.discard((window, endpoint))
+        try:
             result = await self.call(window, endpoint, count)
+        except asyncio.CancelledError:
+            result = Outcome("cancelled", None, "stopped before an answer")  # may have reached it: not repeated
+            self.by_outcome[result.outcome] += 1
+            self.finished.append((window, endpoint, result))
+            raise
+        except Exception as error:  # a bug must not lose the outcome (nor kill anything)
+            log.exception("event=verve_callback_bug endpoint=%r", endpoint[:200])
+            result = Outcome("error", None, f"{type(error).__name__}: {error}"[:500])
         self.by_outcome[result.outcome] += 1
         self.finished.append((window, endpoint, result))
         log.info(
@@ -151,9 +191,12 @@ class Callbacks:
         )  # fmt: skip
 
     async def call(self, window: int, endpoint: str, count: int) -> Outcome:
-        host = urlsplit(endpoint).hostname or ""
         try:
-            literal: IPAddress | None = ipaddress.ip_address(host)
+            host = urlsplit(endpoint).hostname or ""
+        except ValueError as error:  # stored before the request path checked hosts: an error, recorded
+            return Outcome("error", None, f"bad endpoint: {error}"[:500])
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host.split("%")[0])
         except ValueError:
             literal = None
         if literal is not None:  # aiohttp connects to an address literal without asking the resolver
@@ -167,8 +210,8 @@ class Callbacks:
                                        allow_redirects=False)  # fmt: skip
             else:
                 request = session.get(callback_url(endpoint, count), allow_redirects=False)
-            async with request as response:
-                await response.read()
+            async with request as response:  # the status is the outcome: the body is read no further than a few KB
+                await response.content.read(BODY_READ_LIMIT)
                 return Outcome(f"{response.status // 100}xx", response.status, None)
         except aiohttp.ClientConnectorError as error:
             if isinstance(error.os_error, TargetRefused):
@@ -183,5 +226,7 @@ class Callbacks:
         for task in list(self.running):
             task.cancel()
         await asyncio.gather(*self.running, return_exceptions=True)
+        self.unstarted.extend(sorted(self.not_started))
+        self.not_started.clear()
         if self.session is not None:
             await self.session.close()

@@ -1,7 +1,8 @@
 """Window reports, exactly once across every process sharing the database: make sure a row exists for each due
-window, claim one with a lease (`FOR UPDATE SKIP LOCKED`), count its ids, record the count (only the lease holder,
-only once), then write the one report line. A claimer that dies leaves a lease that expires; another process then
-claims the window and reports it. The master takes no part (it opens no database connection).
+window, claim one with a lease (`FOR UPDATE SKIP LOCKED`), count its ids, record the count (the first claimer to
+finish, only once: `WHERE unique_ids IS NULL ... RETURNING`), then the one that recorded writes the one report line. A
+claimer that dies leaves a lease that expires; another process then claims the window and reports it; a claimer slower
+than its lease still records if it finishes first. The master takes no part (it opens no database connection).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import psycopg
 from fastcount.features.verve.schema import (
     CLAIM_WINDOW,
     COUNT_IDS,
+    DATABASE_NOW,
     DELETE_OLD_ENDPOINTS,
     DELETE_OLD_IDS,
     DELETE_OLD_REPORTS,
@@ -78,9 +80,12 @@ class Reporter:
         return int((now - self.grace) // seconds) * seconds - seconds
 
     async def step(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
-        """Report every due window nobody else holds; returns the windows this process reported."""
-        last = self.last_due(time.time())
-        await self._ensure_windows(conn, last)
+        """Report every due window nobody else holds; returns the windows this process reported. Due-ness is
+        computed from the database's clock (one for the whole cluster): an instance whose clock runs fast cannot report
+        windows early for everyone."""
+        db_now = float((await (await conn.execute(DATABASE_NOW)).fetchone() or (time.time(),))[0])
+        last = self.last_due(db_now)
+        await self._ensure_windows(conn, last, db_now)
         reported: list[int] = []
         for _ in range(MAX_CLAIMS_PER_STEP):
             row = await (
@@ -96,23 +101,23 @@ class Reporter:
             values = {"count": count, "me": self.me, "kafka": self.kafka, "window": window}
             recorded = await (await conn.execute(RECORD_REPORT, values)).fetchone()
             if recorded is None:
-                log.warning("event=verve_claim_lost window_start=%s", iso(window))
+                log.warning("event=verve_already_reported window_start=%s", iso(window))
                 continue
             self.reports += 1
             reported.append(window)
             self.lines.info("window_start=%s window_seconds=%d unique_ids=%d", iso(window), seconds, count)
-        await self._retention_if_due(conn)
+        await self._retention_if_due(conn, db_now)
         return reported
 
-    async def _ensure_windows(self, conn: psycopg.AsyncConnection[Any], last: int) -> None:
+    async def _ensure_windows(self, conn: psycopg.AsyncConnection[Any], last: int, now: float) -> None:
         seconds = self.window_seconds
         if self.first_window is None:
             first_start, first_id_window, newest = await (await conn.execute(FIRST_WINDOW_SOURCES)).fetchone()  # type: ignore[misc]
             candidates = [int(value) for value in (first_start, first_id_window) if value is not None]
-            first = min(candidates) if candidates else int(time.time())
+            first = min(candidates) if candidates else int(now)
             first = int(first // seconds) * seconds
             # Never further back than reports are kept; and what is already there need not be inserted again.
-            first = max(first, int((time.time() - self.report_retention) // seconds) * seconds)
+            first = max(first, int((now - self.report_retention) // seconds) * seconds)
             self.first_window = first
             self.ensured_through = first - seconds if newest is None else max(first - seconds, int(newest))
         assert self.ensured_through is not None
@@ -130,8 +135,7 @@ class Reporter:
                 return
             os._exit(70)
 
-    async def _retention_if_due(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        now = time.time()
+    async def _retention_if_due(self, conn: psycopg.AsyncConnection[Any], now: float) -> None:
         if time.monotonic() - self.last_retention < RETENTION_EVERY:
             return
         self.last_retention = time.monotonic()

@@ -73,6 +73,7 @@ INSERT_ENDPOINTS = """
 """
 
 # -- reports ----------------------------------------------------------------------------------------------------------
+DATABASE_NOW = "SELECT extract(epoch FROM now())::float8"  # the cluster's one clock: what is due is decided by it
 FIRST_WINDOW_SOURCES = """
     SELECT (SELECT value FROM verve_meta WHERE name = 'first_start'),
            (SELECT min(window_start) FROM verve_ids),
@@ -97,12 +98,14 @@ CLAIM_WINDOW = """
     RETURNING w.window_start, w.window_seconds, w.claims
 """
 COUNT_IDS = "SELECT count(*) FROM verve_ids WHERE window_start = %s"
-# Only the holder of the claim records, and only once: a claimer whose lease was taken over records nothing.
+# The first claimer to finish records, once: a claimer whose lease expired while it counted (a count slower than the
+# lease) still records if nobody did, so a slow window is not taken over again and again; a later recorder finds
+# unique_ids set, records nothing and writes no line. Counts of a closed window agree: ids past the grace are late.
 RECORD_REPORT = """
     UPDATE verve_windows
     SET unique_ids = %(count)s, reported_by = %(me)s, reported_at = now(), lease_until = NULL,
         kafka_pending = %(kafka)s
-    WHERE window_start = %(window)s AND claimed_by = %(me)s AND unique_ids IS NULL
+    WHERE window_start = %(window)s AND unique_ids IS NULL
     RETURNING window_start
 """
 
@@ -154,6 +157,12 @@ CLAIM_CALLBACKS = """
 RECORD_CALLBACK = """
     UPDATE verve_endpoints SET outcome = %s, status = %s, error = %s, finished_at = now()
     WHERE window_start = %s AND endpoint = %s
+"""
+
+# A claimed callback stopped before it began (at stop or reload): the attempt never happened, another process makes it.
+RELEASE_CALLBACK = """
+    UPDATE verve_endpoints SET attempted_at = NULL, caller = NULL
+    WHERE window_start = %(window)s AND endpoint = %(endpoint)s AND caller = %(me)s AND outcome IS NULL
 """
 
 # -- retention (one process at a time: an advisory lock, tried, not waited for) --------------------------------------

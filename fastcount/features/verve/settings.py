@@ -53,7 +53,9 @@ class VerveSettings:
     verve_report_retention: float = knob(7 * 86400.0, "seconds window reports and callback results are kept", minimum=1)
     verve_callback_method: str = knob("get", "get (count=N added to the query) or post (a JSON body)")
     verve_callback_allow: str = knob(
-        "", "comma-separated hosts or CIDRs callbacks may reach; empty: any (link-local is always refused)"
+        "",
+        "comma-separated hosts or CIDRs callbacks may reach; empty: any, loopback and private included "
+        "(unspecified, link-local and metadata addresses are always refused)",
     )
     verve_callback_timeout: float = knob(5.0, "seconds one callback may take", minimum=0.1)
     verve_callback_concurrency: int = knob(16, "callbacks in progress at once per worker", minimum=1)

@@ -1,0 +1,177 @@
+"""The verve background steps against a real PostgreSQL, driven directly (no server): callbacks at stop, report
+recording under a lost lease, due-ness from the database's clock, the callback resolver."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from fastcount.features.verve.callbacks import Callbacks, CheckedResolver, Outcome, TargetRefused
+from fastcount.features.verve.reporter import Reporter
+from fastcount.features.verve.schema import SCHEMA
+from fastcount.features.verve.settings import parse_allow_list
+
+from conftest import Database
+from verve_support import own_database, report_lines
+
+
+@pytest.fixture
+def db(database: Database) -> Iterator[Database]:
+    with own_database(database) as fresh:
+        for statement in SCHEMA:
+            fresh.query(statement)
+        yield fresh
+
+
+async def _connect(db: Database) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(db.dsn, autocommit=True)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield int(listener.getsockname()[1])
+
+
+def test_callbacks_claim_only_what_starts_and_a_stop_loses_no_claim(db: Database, silent_port: int) -> None:
+    endpoints = [f"http://127.0.0.1:{silent_port}/{n}" for n in range(3)]
+    db.query("INSERT INTO verve_windows (window_start, window_seconds, unique_ids) VALUES (100, 10, 5)")
+    for endpoint in endpoints:
+        db.query("INSERT INTO verve_endpoints (window_start, endpoint) VALUES (100, %s)", (endpoint,))
+
+    async def run() -> None:
+        conn = await _connect(db)
+        try:
+            # One stopped while its call is in progress, one stopped right after its claim (never started).
+            callbacks = Callbacks("me", "get", parse_allow_list(""), 60.0, 1)
+            await callbacks.step(conn)
+            await asyncio.sleep(0.5)
+            await callbacks.close()
+            await callbacks.record(conn)
+            callbacks = Callbacks("me", "get", parse_allow_list(""), 60.0, 1)
+            await callbacks.step(conn)
+            await callbacks.close()
+            await callbacks.record(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    rows = db.query("SELECT endpoint, attempted_at IS NOT NULL, outcome FROM verve_endpoints ORDER BY endpoint")
+    assert sorted((attempted, outcome) for _, attempted, outcome in rows) == [
+        (False, None), (False, None), (True, "cancelled")
+    ], rows  # fmt: skip
+
+
+def test_a_stored_endpoint_that_does_not_parse_is_recorded_as_an_error() -> None:
+    callbacks = Callbacks("me", "get", parse_allow_list(""), 5.0, 1)
+    for endpoint in ("http://[::1/x", "http://[zz]/"):
+        result = asyncio.run(callbacks.call(100, endpoint, 1))
+        assert result.outcome == "error", endpoint
+
+
+def test_a_claimer_whose_lease_was_taken_over_still_records_once_and_writes_the_one_line(
+    db: Database, tmp_path: Path
+) -> None:
+    log = tmp_path / "verve.log"
+    db.query("UPDATE verve_meta SET value = value - 10 WHERE name = 'first_start'")  # a few windows are due
+
+    class SlowReporter(Reporter):
+        def _failpoint(self) -> None:  # between the claim and the count: another process takes the window over
+            db.query("UPDATE verve_windows SET claimed_by = 'thief', claims = claims + 1 WHERE unique_ids IS NULL")
+
+    async def run() -> None:
+        conn = await _connect(db)
+        try:
+            reporter = SlowReporter("slow", 2, 0.1, 0.5, False, str(log), 3600.0, 86400.0)
+            reported = await reporter.step(conn)
+            assert reported, "the slow claimer recorded what nobody else had"
+            later = await Reporter("thief", 2, 0.1, 0.5, False, str(log), 3600.0, 86400.0).step(conn)
+            assert not set(later) & set(reported)  # (a window that became due meanwhile is the thief's to report)
+            return reported
+        finally:
+            await conn.close()
+
+    reported = asyncio.run(run())
+    lines = report_lines(log)
+    assert len(lines) == len({start for start, _, _ in lines}) == len(db.query("SELECT 1 FROM verve_windows"))
+    by = db.query("SELECT reported_by FROM verve_windows WHERE window_start = ANY(%s)", (reported,))
+    assert {row[0] for row in by} == {"slow"}
+
+
+def test_due_windows_follow_the_database_clock_not_the_local_one(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db.query("UPDATE verve_meta SET value = value - 10 WHERE name = 'first_start'")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600.0)  # this instance's clock runs an hour fast
+
+    async def run() -> list[int]:
+        conn = await _connect(db)
+        try:
+            return await Reporter("fast", 2, 0.1, 5.0, False, str(tmp_path / "verve.log"), 3600.0, 86400.0).step(conn)
+        finally:
+            await conn.close()
+
+    reported = asyncio.run(run())
+    db_now = float(db.query("SELECT extract(epoch FROM now())::float8")[0][0])  # type: ignore[arg-type]
+    assert reported, "windows due by the database's clock are reported"
+    assert max(reported) + 2 <= db_now, "no window still open by the database's clock"
+    assert max(int(row[0]) for row in db.query("SELECT window_start FROM verve_windows")) + 2 <= db_now  # type: ignore[call-overload]
+
+
+def test_a_callback_does_not_read_an_endless_body() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = int(listener.getsockname()[1])
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n" + b"x" * 65536)
+                done.wait(120)  # the rest of the body never comes
+
+        done = threading.Event()
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        try:
+            callbacks = Callbacks("me", "get", parse_allow_list(""), 60.0, 1)
+
+            async def run() -> Outcome:
+                try:
+                    return await callbacks.call(100, f"http://127.0.0.1:{port}/big", 1)
+                finally:
+                    await callbacks.close()
+
+            assert asyncio.run(run()) == Outcome("2xx", 200, None)
+        finally:
+            done.set()
+            thread.join(10)
+
+
+def test_a_host_name_resolving_outside_the_allow_list_is_refused_by_the_resolver() -> None:
+    allow = parse_allow_list("10.0.0.0/8")
+    with pytest.raises(TargetRefused, match="not in --verve-callback-allow"):
+        asyncio.run(CheckedResolver(allow).resolve("localhost", 80))
+    callbacks = Callbacks("me", "get", allow, 30.0, 1)
+
+    async def run() -> Outcome:
+        try:
+            return await callbacks.call(100, "http://localhost:9/hook", 1)  # a name: the resolver decides
+        finally:
+            await callbacks.close()
+
+    result = asyncio.run(run())
+    assert result.outcome == "refused" and "not in --verve-callback-allow" in str(result.error), result
