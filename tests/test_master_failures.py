@@ -66,7 +66,10 @@ def test_replacement_that_cannot_boot_leaves_the_other_worker_serving_and_is_ret
 ) -> None:
     broken = tmp_path / "broken"
     admin = free_port()
-    server = start_server("--admin-port", str(admin), workers=2, env=boot_fails_while(broken, tmp_path))
+    server = start_server(
+        "--admin-port", str(admin), workers=2, env=boot_fails_while(broken, tmp_path),
+        expect_errors=(r"event=worker_boot_failed slot=\d pid=\d+ code=1 ",),
+    )  # fmt: skip
     victim = server.worker_pids()[0]
     slot = slot_of(server, victim)
     broken.touch()  # a deploy put code on disk that does not boot
@@ -96,7 +99,10 @@ def test_reload_whose_workers_cannot_boot_rolls_back_settings_and_generation(
     broken = tmp_path / "broken"
     env_file = tmp_path / "fastcount.env"
     env_file.write_text("FASTCOUNT_MAX_BODY=100000\n")
-    server = start_server("--env-file", str(env_file), workers=2, env=boot_fails_while(broken, tmp_path))
+    server = start_server(
+        "--env-file", str(env_file), workers=2, env=boot_fails_while(broken, tmp_path),
+        expect_errors=(r"event=reload_aborted generation=1 ", r"event=worker_boot_failed slot=\d pid=\d+ code=1 "),
+    )  # fmt: skip
     big = {"key": "rollback-" + "k" * 200, "value": 1}
     before = set(server.worker_pids())
     env_file.write_text("FASTCOUNT_MAX_BODY=100\n")
@@ -148,7 +154,10 @@ def test_sigquit_during_a_graceful_stop_stops_at_once(start_server: StartServer,
     # With PostgreSQL gone the worker cannot flush, so a graceful stop waits for its whole timeout. (A start needs
     # PostgreSQL: it goes away once the server is up.)
     with temporary_postgres("fastcount-outage-") as doomed:
-        server = start_server("--graceful-timeout", "120", dsn=doomed.dsn)
+        server = start_server(
+            "--graceful-timeout", "120", dsn=doomed.dsn,
+            expect_errors=(r"event=worker_killed slot=0 pid=\d+ reason=immediate_stop", r"event=journals_lost count=1"),
+        )  # fmt: skip
         doomed.stop()
     assert request(server.port, "POST", "/increment", {"key": prefix + "a", "value": 1})[0] == 202
     server.process.send_signal(signal.SIGTERM)
