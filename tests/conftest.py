@@ -170,7 +170,7 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}-"
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
     """Poll a condition until it holds; the deadline is generous and only bounds a broken run."""
     deadline = time.monotonic() + timeout
     while not condition():

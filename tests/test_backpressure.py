@@ -40,6 +40,8 @@ def test_pending_bound_with_many_keys_answers_503_then_everything_accepted_is_co
             assert headers.get("Retry-After") == "1"
     assert answers == [202] * 5 + [503] * 3
     assert request(server.port, "GET", "/readyz")[0] == 503
+    status, headers, _ = request(server.port, "GET", f"/counters/{prefix}0-1")  # a read needs PostgreSQL itself
+    assert (status, headers.get("Retry-After")) == (503, "1")
     assert request(server.port, "GET", "/healthz")[0] == 200
     proxied_database.proxy.restore()
     wait_until(lambda: database.counts(prefix) == dict(accepted), "the backlog is written once PostgreSQL is back")

@@ -4,12 +4,13 @@ path: each edge is accepted exactly at the limit and refused one past it, and wh
 from __future__ import annotations
 
 import json
+import urllib.parse
 
 import pytest
 
 from fastcount.features.increment import MAX_KEY_BYTES, MAX_TOTAL, MAX_VALUE
 
-from conftest import Database, StartServer
+from conftest import Database, StartServer, wait_until
 from httpclient import request
 
 BIG_BODY = "1048576"
@@ -94,3 +95,23 @@ def test_a_sum_past_the_bigint_range_is_refused_within_an_array_and_against_pend
     assert post(server.port, {"key": key, "value": 1})[0] == 400
     assert server.stop() == 0
     assert database.counts(prefix) == {key: MAX_TOTAL}
+
+
+def test_reading_a_counter_takes_the_same_keys_as_counting_it(start_server: StartServer, prefix: str) -> None:
+    server = start_server()
+    room = MAX_KEY_BYTES - len(prefix)
+    longest = prefix + "é" * (room // 2) + "x" * (room % 2)
+    assert post(server.port, {"key": longest, "value": 7}) == (202, "")
+
+    def read(key: str) -> tuple[int, bytes]:
+        status, _, body = request(server.port, "GET", "/counters/" + urllib.parse.quote(key, safe=""))
+        return status, body
+
+    wait_until(lambda: read(longest)[0] == 200, "the 256-byte key is flushed and readable")
+    assert json.loads(read(longest)[1])["value"] == 7
+    for refused in (longest + "x", ""):
+        status, body = read(refused)
+        assert status == 400 and b"1 to 256 bytes" in body, refused
+    status, _, body = request(server.port, "GET", "/counters/%FF")
+    assert status == 400 and b"UTF-8" in body
+    assert read(prefix + "never")[0] == 404

@@ -119,3 +119,11 @@ def test_journal_of_a_worker_that_never_started_recovers_nothing() -> None:
     fd = os.memfd_create("test-journal")
     os.ftruncate(fd, 1 << 20)
     assert recover(fd) == []
+
+
+def test_an_unreadable_record_is_skipped_and_counts_nothing_else_twice() -> None:
+    # The framing leaves no torn records, but a record that does not decode (a bug, a disk error) must cost only
+    # itself: the records around it count once each.
+    records = [body("a", 1), b'{"key": "a", "val', body("b", 2), b"\xff", body("a", 4)]
+    assert counts().replay(records) == {"a": 5, "b": 2}
+    assert counts().replay([b"not json", body("c", 3)]) == {"c": 3}

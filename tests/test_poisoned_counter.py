@@ -23,7 +23,9 @@ def poison(database: Database, key: str) -> None:
 
 def parked(database: Database, key: str) -> list[tuple[object, ...]]:
     return database.query(
-        "SELECT writer, item, sqlstate FROM fastcount_dead_letters WHERE item::jsonb ->> 'key' = %s", (key,)
+        # (text, not jsonb: other tests park items jsonb cannot hold, such as a key with NUL)
+        "SELECT writer, item, sqlstate FROM fastcount_dead_letters WHERE strpos(item, %s) > 0",
+        (json.dumps(key),),
     )
 
 

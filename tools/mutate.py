@@ -57,6 +57,8 @@ PRESETS: dict[str, list[str]] = {
         "tests/test_counting_edges.py",
         "tests/test_flusher.py",
         "tests/test_increment.py",
+        "tests/test_http.py",
+        "tests/test_backpressure.py",
     ],
     "fastcount/store/journal.py": [
         "tests/test_journal.py",
@@ -66,6 +68,7 @@ PRESETS: dict[str, list[str]] = {
     ],
     "fastcount/server/protocol.py": [
         "tests/test_protocol.py",
+        "tests/test_protocol_accounting.py",
         "tests/test_protocol_properties.py",
         "tests/test_http_limits.py",
         "tests/test_http.py",
@@ -361,7 +364,9 @@ def run_mutants(args: argparse.Namespace) -> int:
             source = (ROOT / module).read_text()
             mutants = find_mutants(module, source)
             chosen = mutants
-            if args.sample and args.sample < len(mutants):
+            if args.index:
+                chosen = [entry for entry in mutants if entry[0].index in args.index]
+            elif args.sample and args.sample < len(mutants):
                 chosen = sorted(random.Random(f"{args.seed}:{module}").sample(mutants, args.sample), key=lambda m: m[1])
             if args.list:
                 for mutant, _, _ in chosen:
@@ -414,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds per test run, past which a mutant counts as killed "
         "(default: 3 times the unmutated run, at least 60)",
     )
+    parser.add_argument("--index", type=int, action="append", default=[], help="run only this mutant (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the (sampled) mutants, run nothing")
     parser.add_argument("--json", help="write the per-module report here")
     parser.add_argument("--patch", type=Path, help="apply this diff instead and report whether the tests catch it")
