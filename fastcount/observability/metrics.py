@@ -35,6 +35,14 @@ GAUGES = {
     "connections_open": ("fastcount_http_connections_open", "client connections open now"),
     "resident_memory_bytes": ("fastcount_worker_resident_memory_bytes", "resident memory of the worker process"),
     "open_fds": ("fastcount_worker_open_fds", "open file descriptors of the worker process"),
+    "loop_lag_max_seconds": (
+        "fastcount_event_loop_lag_max_seconds",
+        "longest event-loop lag in the worker's last second (how long its loop was held by one piece of work)",
+    ),
+    "loop_lag_own_max_seconds": (
+        "fastcount_event_loop_lag_own_max_seconds",
+        "of the longest lag in the last second, the part the worker spent on the CPU (its own work, not preemption)",
+    ),
 }
 HISTOGRAMS = {
     "request_seconds": (
@@ -43,6 +51,10 @@ HISTOGRAMS = {
     ),
     "flush_seconds": ("fastcount_flush_duration_seconds", "time to commit one batch, retries excluded"),
     "flush_keys": ("fastcount_flush_keys", "distinct keys per committed batch"),
+    "loop_lag_seconds": (
+        "fastcount_event_loop_lag_seconds",
+        "how late the worker's 1 ms probe timer ran: the event loop was busy with other work for that long",
+    ),
 }
 
 

@@ -139,6 +139,7 @@ class Worker:
         assert self.sock is not None, "a serving worker inherits its slot's socket"
         server = await loop.create_server(lambda: HttpProtocol(state), sock=self.sock, backlog=settings.backlog)
         tick_task = asyncio.create_task(self._tick(state, app), name="tick")
+        stats.loop_lag.start(loop)
         jobs = [asyncio.create_task(job(), name=getattr(job, "__name__", "job")) for job in app.background()]
         self.ready = True
         self._tell_master(MSG_READY)
@@ -155,6 +156,7 @@ class Worker:
         await asyncio.gather(*jobs, return_exceptions=True)
         await app.stop()
         tick_task.cancel()
+        stats.loop_lag.stop()
         self._publish(state, app)  # the last snapshot: the master keeps these counts after we are gone
         log.info("event=worker_stopped slot=%d requests=%d flushes=%d", self.slot, stats.requests, stats.flushes)
         return EXIT_OK
