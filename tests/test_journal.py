@@ -146,3 +146,21 @@ def test_journal_of_a_worker_that_never_started_recovers_nothing() -> None:
     fd = os.memfd_create("test-journal")
     os.ftruncate(fd, 1 << 20)
     assert recover(fd) == []
+
+
+def test_a_snapshot_that_did_not_fit_is_not_made_again_until_the_next_take() -> None:
+    _, file = new_journal()
+    journal = file.sections["increment"]
+    made: list[int] = []
+
+    def too_big() -> bytes:
+        made.append(1)
+        return b"S" + b"x" * REGION
+
+    for seq in (1, 2):
+        while journal.append(body("a", 1)):
+            pass
+        for _ in range(5):  # five requests meet the full region: one snapshot is made, not five
+            assert not journal.compact(too_big)
+        assert len(made) == seq
+        journal.take(seq)  # a flush took what was pending: a snapshot may fit again

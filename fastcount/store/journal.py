@@ -76,7 +76,18 @@ class Journal:
     """One buffer's section of a worker's journal. Appends are the request path's; take and acknowledge are the
     flusher's."""
 
-    __slots__ = ("active", "base", "end", "in_flight", "mm", "pos", "region_bytes", "releasing", "used_to")
+    __slots__ = (
+        "active",
+        "base",
+        "compact_failed",
+        "end",
+        "in_flight",
+        "mm",
+        "pos",
+        "region_bytes",
+        "releasing",
+        "used_to",
+    )
 
     def __init__(self, mm: mmap.mmap, base: int, region_bytes: int, writer: str) -> None:
         self.mm = mm
@@ -92,6 +103,10 @@ class Journal:
         self.in_flight = NO_REGION
         self.pos = self.end = 0
         self.releasing: asyncio.Task[None] | None = None
+        # A snapshot that did not fit will not fit until a take: what is pending only grows until then. Without
+        # this, every request while the region is full would serialise everything pending again (31-56 ms at
+        # 0.5-1 M keys) before its 503.
+        self.compact_failed = False
         self._activate(0)
 
     def _start(self, region: int) -> int:
@@ -127,14 +142,19 @@ class Journal:
         self.pos = end
         return True
 
-    def compact(self, snapshot: bytes) -> bool:
+    def compact(self, snapshot: Callable[[], bytes]) -> bool:
         """Replace the active region by one record that sums it up (everything pending), written to the spare region
-        first so that a crash at any point leaves one complete version. False if even that does not fit."""
-        if 4 + len(snapshot) > self.region_bytes - LENGTH.size:
+        first so that a crash at any point leaves one complete version. False if even that does not fit (and then,
+        without calling `snapshot` again, until the next take)."""
+        if self.compact_failed:
+            return False
+        record = snapshot()
+        if 4 + len(record) > self.region_bytes - LENGTH.size:
+            self.compact_failed = True
             return False
         self._remember_use()
         self._activate(self._spare())
-        self.append(snapshot)
+        self.append(record)
         _write(self.mm, self.base, _ACTIVE, self.active)
         self._release_soon()  # the old region, now spare
         return True
@@ -149,6 +169,7 @@ class Journal:
         _write(self.mm, self.base, _ACTIVE, spare)
         _write(self.mm, self.base, _NEXT_SEQ, seq + 1)
         self.in_flight = taken
+        self.compact_failed = False
         self._activate(spare)
 
     def acknowledge(self) -> None:
