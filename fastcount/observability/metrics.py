@@ -34,7 +34,10 @@ COUNTERS = {  # snapshot name -> (metric name without _total, help)
 GAUGES = {
     "connections_open": ("fastcount_http_connections_open", "client connections open now"),
     "resident_memory_bytes": ("fastcount_worker_resident_memory_bytes", "resident memory of the worker process"),
-    "open_fds": ("fastcount_worker_open_fds", "open file descriptors of the worker process"),
+    "open_fds": (
+        "fastcount_worker_open_fds",
+        "open file descriptors of the worker process (client connections now, plus the others as last listed)",
+    ),
     "loop_lag_max_seconds": (
         "fastcount_event_loop_lag_max_seconds",
         "longest event-loop lag in the worker's last second (how long its loop was held by one piece of work)",
