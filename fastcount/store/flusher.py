@@ -10,7 +10,9 @@ Rules a lane keeps:
    with the ledger row, bisect the batch under savepoints, commit every item PostgreSQL takes and park each item it
    refuses in `fastcount_dead_letters` with the error. Nothing answered is silently dropped; nothing blocks forever.
 3. While a batch is retried, new requests keep accumulating in the buffer; the buffer bounds itself.
-4. Ticks are aligned to multiples of the interval, so flushes do not drift; on stop, everything is flushed.
+4. Ticks are aligned to multiples of the interval, so flushes do not drift, each lane at a phase of its own within
+   the interval, so lanes do not wake together nor with the worker's stats tick at the second; on stop, everything
+   is flushed.
 5. Every statement has a timeout and the connection TCP keepalives: a half-open connection cannot hang a lane.
 What the rows mean is each buffer's business (fastcount/features/base.py).
 """
@@ -77,9 +79,10 @@ def writer_identity(slot: int) -> str:
 class Lane:
     """One buffer's path to PostgreSQL: its batch in flight, recovered batches to write first, back-off, connection."""
 
-    def __init__(self, flusher: Flusher, buffer: FlushBuffer) -> None:
+    def __init__(self, flusher: Flusher, buffer: FlushBuffer, phase: float = 0.0) -> None:
         self.flusher = flusher
         self.buffer = buffer
+        self.phase = phase  # seconds past each multiple of the interval at which this lane wakes
         self.writer = f"{flusher.writer}/{buffer.name}"
         self.wake = asyncio.Event()
         buffer.request_flush = self.wake.set
@@ -154,7 +157,7 @@ class Lane:
         if self.flusher.stopping:
             return
         interval = self.flusher.interval
-        now = time.time()
+        now = time.time() - self.phase
         try:
             await asyncio.wait_for(self.wake.wait(), (now // interval + 1) * interval - now)
         except TimeoutError:
@@ -335,7 +338,11 @@ class Flusher:
         self.stopping = False
         self.migrated = False
         self.drop_after_commits = int(os.environ.get(FAILPOINT_ENV, "0") or 0)
-        self.lanes = {buffer.name: Lane(self, buffer) for buffer in buffers}
+        # Phases spread the lanes over the interval: 1/4, 2/4, 3/4 of it for three buffers.
+        self.lanes = {
+            buffer.name: Lane(self, buffer, interval * (index + 1) / (len(buffers) + 1))
+            for index, buffer in enumerate(buffers)
+        }
         self.on_adopted_written: Callable[[], None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
