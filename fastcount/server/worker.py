@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import importlib
 import logging
 import math
@@ -126,6 +127,10 @@ class Worker:
             app.open_journal(self.journal_fd)
         self._adopt(app)
         await app.start()
+        # What start-up created lives as long as the worker: out of the collector's sight, a full collection walks
+        # only what came later (it walked everything: 22-38 ms with the loop held, at random moments under load).
+        gc.collect()
+        gc.freeze()
 
         limits = ConnectionLimits(
             max_body=settings.max_body,
