@@ -52,7 +52,10 @@ HISTOGRAMS = {
         "fastcount_http_request_duration_seconds",
         "time to parse, route and answer a read of requests (sampled: about one read in 16)",
     ),
-    "flush_seconds": ("fastcount_flush_duration_seconds", "time to commit one batch, retries excluded"),
+    "flush_seconds": (
+        "fastcount_flush_duration_seconds",
+        "time to commit one batch, retries excluded, by buffer (increment, events, verve)",
+    ),
     "flush_keys": ("fastcount_flush_keys", "distinct keys per committed batch"),
     "loop_lag_seconds": (
         "fastcount_event_loop_lag_seconds",
@@ -183,16 +186,20 @@ class MetricsBook:
             yield gauge
         yield from _feature_families("gauge", gauges, GAUGES, self.help_texts)
         for key, (name, help_text) in HISTOGRAMS.items():
-            histogram = HistogramMetricFamily(name, help_text, labels=["worker"])
-            for slot, total in per_slot.items():
-                data = total["histograms"].get(key)
-                if data is None:
-                    continue
+            series = [  # (slot, label names, label values, data): "name" or 'name{label="value"}' in the snapshot
+                (slot, *split_key(sent)[1:], data)
+                for slot, total in per_slot.items()
+                for sent, data in sorted(total["histograms"].items())
+                if split_key(sent)[0] == key
+            ]
+            labels = series[0][1] if series else []
+            histogram = HistogramMetricFamily(name, help_text, labels=["worker", *labels])
+            for slot, _, label_values, data in series:
                 cumulative, buckets = 0, []
                 for bound, count in zip([*data["bounds"], float("inf")], data["counts"], strict=True):
                     cumulative += count
                     buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
-                histogram.add_metric([str(slot)], buckets, data["sum"])
+                histogram.add_metric([str(slot), *label_values], buckets, data["sum"])
             yield histogram
         yield CounterMetricFamily(
             "fastcount_worker_restarts", "workers that died and were replaced", self.worker_restarts

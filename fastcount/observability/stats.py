@@ -133,12 +133,18 @@ class WorkerStats:
         self.flushed_rows = 0
         self.dead_letters = 0
         self.request_seconds = Histogram(REQUEST_SECONDS_BUCKETS)
-        self.flush_seconds = Histogram(FLUSH_SECONDS_BUCKETS)
+        self.flush_seconds: dict[str, Histogram] = {}  # by buffer
         self.flush_keys = Histogram(FLUSH_KEYS_BUCKETS)
         self.fd_baseline = -1  # descriptors other than client connections, at the last listing
         self.fd_listed_at = -FD_LIST_EVERY
         self.loop_lag_seconds = Histogram(LOOP_LAG_BUCKETS)
         self.loop_lag = LoopLagProbe(self.loop_lag_seconds)
+
+    def flush_seconds_of(self, buffer: str) -> Histogram:
+        histogram = self.flush_seconds.get(buffer)
+        if histogram is None:
+            histogram = self.flush_seconds[buffer] = Histogram(FLUSH_SECONDS_BUCKETS)
+        return histogram
 
     def snapshot(
         self,
@@ -178,7 +184,10 @@ class WorkerStats:
             },
             "histograms": {
                 "request_seconds": self.request_seconds.snapshot(),
-                "flush_seconds": self.flush_seconds.snapshot(),
+                **{
+                    f'flush_seconds{{buffer="{buffer}"}}': histogram.snapshot()
+                    for buffer, histogram in self.flush_seconds.items()
+                },
                 "flush_keys": self.flush_keys.snapshot(),
                 "loop_lag_seconds": self.loop_lag_seconds.snapshot(),
             },

@@ -212,7 +212,7 @@ class Lane:
         stats = flusher.stats
         stats.flushes += 1
         stats.flushed_rows += rows
-        stats.flush_seconds.observe(time.perf_counter() - started)
+        stats.flush_seconds_of(self.buffer.name).observe(time.perf_counter() - started)
         stats.flush_keys.observe(in_flight.rows)
         if parked:
             stats.dead_letters += parked
