@@ -251,7 +251,11 @@ class FreshnessProbe(threading.Thread):
 class Fastcount(Contender):
     name = "fastcount"
 
-    def __init__(self, dsn: str, script: str, workers: int = 1, flush_interval: float = 1.0) -> None:
+    def __init__(
+        self, dsn: str, script: str, workers: int = 1, flush_interval: float = 1.0, root: Path = ROOT, name: str = ""
+    ) -> None:
+        self.name = name or self.name
+        self.root = root  # another checkout's package, to compare two versions in one run
         self.dsn = dsn
         self.workers = workers
         self.flush_interval = flush_interval
@@ -280,7 +284,10 @@ class Fastcount(Contender):
         command = [sys.executable, "-m", "fastcount", "serve", "--port", str(port), "--dsn", self.dsn]
         command += ["--workers", str(self.workers), "--flush-interval", str(self.flush_interval)]
         command += ["--admin-port", str(self.admin_port)]  # every feature on, metrics included
-        return subprocess.Popen(["taskset", "-c", self.cpus, *command], cwd=ROOT, stderr=subprocess.DEVNULL)
+        env = {**os.environ, "PYTHONPATH": str(self.root)}
+        return subprocess.Popen(
+            ["taskset", "-c", self.cpus, *command], cwd=self.root, env=env, stderr=subprocess.DEVNULL
+        )
 
     def probes_start(self, port: int) -> None:
         self.lag = LagWatcher(self.admin_port)
@@ -296,6 +303,8 @@ class Fastcount(Contender):
             self.lag.join(5)
             extra["loop_lag_max_ms"] = round(max(self.lag.wall, default=0.0) * 1000, 2)
             extra["loop_lag_own_max_ms"] = round(max(self.lag.own, default=0.0) * 1000, 2)
+            extra["seconds_own_lag_over_1ms"] = sum(1 for own in self.lag.own if own > 0.001)
+            extra["seconds_watched"] = len(self.lag.own)
         self.probe_requests = 0
         if self.fresh is not None:
             self.fresh.finish(settle=self.flush_interval + 1.0)
@@ -423,9 +432,13 @@ def summarise(results: list[Measurement], args: argparse.Namespace) -> None:
             f"p99 {_median(results, name, lambda r: r.latency_ms.get('99', 0)):6.2f} ms  "
             f"p99.9 {_median(results, name, lambda r: r.latency_ms.get('99.9', 0)):6.2f} ms"
         )
-    ours = [r for r in results if r.contender == "fastcount"]
-    if not ours:
-        return
+    for contender in ("before", "fastcount"):
+        ours = [r for r in results if r.contender == contender]
+        if ours:
+            _judge(contender, ours, results, args)
+
+
+def _judge(contender: str, ours: list[Measurement], results: list[Measurement], args: argparse.Namespace) -> None:
     for baseline in ("nginx", "uvicorn"):
         theirs = {r.round: r for r in results if r.contender == baseline}
         pairs = [(r, theirs[r.round]) for r in ours if r.round in theirs]
@@ -433,25 +446,28 @@ def summarise(results: list[Measurement], args: argparse.Namespace) -> None:
             continue
         cpu = statistics.median(a.cpu_us_per_request / b.cpu_us_per_request for a, b in pairs)
         p99 = statistics.median(a.latency_ms.get("99", 0) / max(b.latency_ms.get("99", 0), 1e-3) for a, b in pairs)
-        line = f"  fastcount / {baseline}: CPU {cpu:.2f}"
+        line = f"  {contender} / {baseline}: CPU {cpu:.2f}"
         if baseline == "nginx":
             line += f" (target <= {TARGET_CPU_RATIO}: {'meets' if cpu <= TARGET_CPU_RATIO else 'MISSES'})"
             line += (
                 f", p99 {p99:.2f} (target <= {TARGET_P99_RATIO}: {'meets' if p99 <= TARGET_P99_RATIO else 'MISSES'})"
             )
         print(line + "  [median of per-round ratios]")
-    lag = max(float(r.extra.get("loop_lag_max_ms", 0)) for r in ours)  # type: ignore[arg-type]
-    own = max(float(r.extra.get("loop_lag_own_max_ms", 0)) for r in ours)  # type: ignore[arg-type]
+    walls = [float(r.extra.get("loop_lag_max_ms", 0)) for r in ours]  # type: ignore[arg-type]
+    owns = [float(r.extra.get("loop_lag_own_max_ms", 0)) for r in ours]  # type: ignore[arg-type]
+    over = sum(int(r.extra.get("seconds_own_lag_over_1ms", 0)) for r in ours)  # type: ignore[call-overload]
+    seconds = sum(int(r.extra.get("seconds_watched", 0)) for r in ours)  # type: ignore[call-overload]
     print(
-        f"  fastcount max loop lag: {lag:.2f} ms wall clock, {own:.2f} ms on its CPU "
-        f"(target <= {TARGET_LOOP_LAG_MS} ms of its own work: {'meets' if own <= TARGET_LOOP_LAG_MS else 'MISSES'})"
+        f"  {contender} max loop lag: {max(walls):.2f} ms wall clock (rounds' median {statistics.median(walls):.2f}), "
+        f"{max(owns):.2f} ms on its CPU (rounds' median {statistics.median(owns):.2f}; {over} of {seconds} seconds "
+        f"over 1 ms) (target <= {TARGET_LOOP_LAG_MS} ms: {'meets' if max(owns) <= TARGET_LOOP_LAG_MS else 'MISSES'})"
     )
     fresh = [float(r.extra["freshness_p99_ms"]) for r in ours if "freshness_p99_ms" in r.extra]  # type: ignore[arg-type]
     if fresh:
         limit = args.flush_interval * 1000 + 100
         worst = max(fresh)
         print(
-            f"  fastcount freshness p99 (202 -> row in PostgreSQL): {statistics.median(fresh):.0f} ms median of "
+            f"  {contender} freshness p99 (202 -> row in PostgreSQL): {statistics.median(fresh):.0f} ms median of "
             f"rounds, worst {worst:.0f} ms (target <= {limit:.0f} ms: {'meets' if worst <= limit else 'MISSES'})"
         )
 
@@ -465,6 +481,12 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated contenders to run (fastcount,uvicorn,nginx)")
     parser.add_argument("--workers", type=int, default=1, help="1: server on core 0, wrk on core 1; 2: all on both")
     parser.add_argument("--flush-interval", type=float, default=1.0, help="fastcount's --flush-interval")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        help="a directory holding another version's fastcount/ package (`git archive <rev> fastcount | tar -x -C DIR`),"
+        " run as contender 'before' beside this one",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
@@ -475,6 +497,11 @@ def main() -> int:
             Fastcount(database.dsn, args.script, args.workers, args.flush_interval),
             Uvicorn(args.workers),
         ]
+        if args.compare_with:
+            before = Fastcount(
+                database.dsn, args.script, args.workers, args.flush_interval, args.compare_with, "before"
+            )
+            contenders.insert(1, before)
         if shutil.which("nginx"):
             contenders.append(Nginx(database.data_dir.parent, args.workers))
         else:
@@ -498,7 +525,15 @@ def main() -> int:
     out_dir = BENCH / "results"
     out_dir.mkdir(exist_ok=True)
     out_file = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(args.script).stem}.json"
-    out_file.write_text(json.dumps({"args": vars(args), "results": [asdict(r) for r in results]}, indent=2))
+    out_file.write_text(
+        json.dumps(
+            {
+                "args": vars(args) | {"compare_with": str(args.compare_with or "")},
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+    )
     print(f"results written to {out_file.relative_to(ROOT)}")
     return 0 if all(r.non_2xx == 0 for r in results) else 1
 
