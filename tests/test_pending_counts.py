@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from fastcount.features.increment import ACCEPTED, OVERLOADED, IncrementFeature, PendingCounts, batch_json
+from fastcount.features.increment import ACCEPTED, OVERLOADED, IncrementFeature, PendingCounts, json_parts
 
 
 def make(max_pending: int = 100, flush_max: int = 50) -> tuple[PendingCounts, list[int]]:
@@ -79,9 +79,16 @@ def test_invalid_increment_changes_nothing() -> None:
     assert pending.take() is None
 
 
-def test_batch_json_in_parts_is_the_whole_batch_even_with_sums_past_64_bits() -> None:
+def test_json_parts_hold_the_whole_batch_even_with_sums_past_64_bits() -> None:
     batch = {f"key-{i}": i + 1 for i in range(25)}
     batch["huge"] = 2**70  # a replayed sum: PostgreSQL refuses it (bigint) and the lane parks it; it must still be sent
-    batch['quote"tab\t\\é'] = 3
+    batch['quote"tab\t\\é\n'] = 3
+
+    async def parts(part_keys: int) -> list[bytes]:
+        return [part async for part in json_parts(batch, part_keys)]
+
     for part_keys in (1, 7, 10_000):
-        assert json.loads(asyncio.run(batch_json(batch, part_keys))) == batch
+        sent = asyncio.run(parts(part_keys))
+        assert len(sent) == -(-len(batch) // part_keys)
+        assert not any(byte in part for part in sent for byte in b"\n\r\x01\x02"), "one CSV line each, as it is"
+        assert {key: value for part in sent for key, value in json.loads(part).items()} == batch

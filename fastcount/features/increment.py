@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from itertools import islice
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
 import psycopg
-from psycopg.types.json import Json
 
 from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
 from fastcount.server.responses import Response, constant_error, error_response, json_response
@@ -28,10 +27,11 @@ MAX_VALUE = 2**53 - 1
 MAX_TOTAL = 2**63 - 1  # a counter is a bigint: a pending sum past this could never be stored
 MAX_KEY_BYTES = 256
 MAX_ITEMS = 10_000
-# A batch is sent as one JSON object, serialised by orjson (C) in parts of this many keys with the loop given back
-# between parts: each part holds the loop ~0.3 ms (bench/loop_stalls.py), where per-row COPY formatting held it 4-5 ms
-# and an unnest() of Python lists 2-12 ms.
-JSON_PART_KEYS = 10_000
+# A batch travels as JSON objects of this many keys each, serialised by orjson (C) and copied into a staging table
+# one at a time with the event loop given back between them: a part holds the loop ~0.3 ms (bench/loop_stalls.py),
+# where per-row COPY formatting held it 4-5 ms for 10,000 keys, an unnest() of Python lists 2-12 ms, and one JSON
+# parameter of 50,000 keys ~1.5-2 ms in the send alone.
+JSON_PART_KEYS = 2_000
 
 ACCEPTED = Response(202, cacheable=True)
 OVERLOADED = constant_error(503, "too many pending keys; retry later", ((b"Retry-After", b"1"),))
@@ -50,10 +50,19 @@ SCHEMA = [
     ) WITH (fillfactor = 70)
     """,
 ]
-UPSERT_FROM_JSON = """
+CREATE_PARTS = """
+    CREATE TEMP TABLE IF NOT EXISTS fastcount_increment_parts (part json NOT NULL) ON COMMIT DELETE ROWS
+"""
+# CSV with a quote and a delimiter no JSON text holds (orjson and json escape every control character), so each
+# line is one part as it is, and backslashes mean nothing to COPY.
+COPY_PARTS = "COPY fastcount_increment_parts (part) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')"
+# The parts are deleted as they are merged: under the savepoints of a refused batch's bisection, one transaction
+# writes several halves, and each must merge only its own parts (ON COMMIT DELETE ROWS comes too late for that).
+UPSERT_FROM_PARTS = """
+    WITH parts AS (DELETE FROM fastcount_increment_parts RETURNING part)
     INSERT INTO counters AS c (key, value, updated_at)
-    SELECT key, value::bigint, now() FROM json_each_text(%s::json) AS batch(key, value)
-    ORDER BY key COLLATE "C"
+    SELECT batch.key, batch.value::bigint, now() FROM parts, json_each_text(parts.part) AS batch(key, value)
+    ORDER BY batch.key COLLATE "C"
     ON CONFLICT (key) DO UPDATE SET value = c.value + EXCLUDED.value, updated_at = EXCLUDED.updated_at
 """
 READ_COUNTER = "SELECT key, value, updated_at FROM counters WHERE key = %s"
@@ -163,7 +172,7 @@ class PendingCounts(FlushBuffer):
         return len(batch), sum(batch.values())
 
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> int:
-        await upsert_with_json(conn, batch)
+        await upsert_from_json_parts(conn, batch)
         return len(batch)
 
     def split(self, batch: dict[str, int]) -> list[dict[str, int]]:
@@ -199,16 +208,15 @@ class PendingCounts(FlushBuffer):
         return counts
 
 
-async def batch_json(batch: dict[str, int], part_keys: int = JSON_PART_KEYS) -> bytes:
-    """The batch as one JSON object, built part by part with the event loop given back between parts."""
+async def json_parts(batch: dict[str, int], part_keys: int = JSON_PART_KEYS) -> AsyncIterator[bytes]:
+    """The batch as JSON objects of at most `part_keys` keys, the event loop given back after each."""
     if len(batch) <= part_keys:
-        return _dumps(batch)
+        yield _dumps(batch)
+        return
     items = iter(batch.items())
-    parts = []
     for _ in range(0, len(batch), part_keys):
-        parts.append(_dumps(dict(islice(items, part_keys)))[1:-1])
+        yield _dumps(dict(islice(items, part_keys)))
         await asyncio.sleep(0)
-    return b"{" + b",".join(parts) + b"}"
 
 
 def _dumps(counts: dict[str, int]) -> bytes:
@@ -218,13 +226,12 @@ def _dumps(counts: dict[str, int]) -> bytes:
         return json.dumps(counts, ensure_ascii=False).encode()
 
 
-async def upsert_with_json(conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> None:
-    document = await batch_json(batch)
-    await conn.execute(UPSERT_FROM_JSON, (Json(document, dumps=_as_is),))
-
-
-def _as_is(document: bytes) -> bytes:
-    return document
+async def upsert_from_json_parts(conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> None:
+    await conn.execute(CREATE_PARTS)
+    async with conn.cursor().copy(COPY_PARTS) as copy:
+        async for part in json_parts(batch):
+            await copy.write(part + b"\n")
+    await conn.execute(UPSERT_FROM_PARTS)
 
 
 class IncrementFeature(Feature):
