@@ -509,7 +509,8 @@ def main() -> int:
         if args.only:
             contenders = [c for c in contenders if c.name in args.only.split(",")]
         for round_ in range(1, args.rounds + 1):
-            for contender in contenders:  # alternate, so drift on this shared machine hits every contender alike
+            # alternate, and reverse the order every other round, so drift on this shared machine hits all alike
+            for contender in contenders if round_ % 2 else contenders[::-1]:
                 result = measure(contender, round_, args)
                 results.append(result)
                 probes = "".join(f"  {name} {value}" for name, value in result.extra.items())
