@@ -437,10 +437,9 @@ class HttpProtocol(asyncio.Protocol):
         route = table.get(self.parser.get_method()) if table is not None else None
         path, query = url, b""
         if route is None:
+            # A query string: its path alone is most often an exact route (GET /api/verve/accept?id=...).
             query_at = url.find(b"?")
-            if (
-                query_at != -1
-            ):  # a query string: its path alone is most often an exact route (GET /api/verve/accept?id=)
+            if query_at != -1:
                 table = exact.get(url[:query_at])
                 route = table.get(self.parser.get_method()) if table is not None else None
                 if route is not None:
