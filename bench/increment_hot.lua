@@ -10,3 +10,8 @@ request = function()
   n = n + 1
   return wrk.format(nil, "/increment", nil, bodies[n % 10])
 end
+
+-- bench/run.py reads the tail from this line (wrk --latency prints no 99.9th percentile)
+done = function(summary, latency, requests)
+  io.write(string.format("tail-us p99=%d p999=%d max=%d\n", latency:percentile(99), latency:percentile(99.9), latency.max))
+end

@@ -5,3 +5,8 @@ math.randomseed(os.time())
 request = function()
   return wrk.format(nil, "/increment", nil, '{"key":"rnd-' .. math.random(0, 9999) .. '","value":1}')
 end
+
+-- bench/run.py reads the tail from this line (wrk --latency prints no 99.9th percentile)
+done = function(summary, latency, requests)
+  io.write(string.format("tail-us p99=%d p999=%d max=%d\n", latency:percentile(99), latency:percentile(99.9), latency.max))
+end

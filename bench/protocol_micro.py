@@ -3,7 +3,8 @@
     .venv/bin/python bench/protocol_micro.py [--protocol path/to/protocol.py] [--requests 100000]
 
 `--protocol` loads another version of protocol.py (e.g. `git show HEAD~1:fastcount/server/protocol.py > old.py`) so
-two versions are measured in one run. Modes: one request per read (what wrk does) and 100 pipelined per read.
+two versions are measured in one run. Modes: one request per read (what wrk does), 100 pipelined per read, and one
+per read with a query string.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from fastcount.server.responses import Response
 from fastcount.server.routing import Route, Router
 
 BODY = b'{"key": "page:home", "value": 1}'
-REQUEST = (
-    b"POST /increment HTTP/1.1\r\nHost: localhost:3333\r\nUser-Agent: bench\r\n"
-    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY
-)
+
+
+def request(target: bytes) -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nHost: localhost:3333\r\nUser-Agent: bench\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (target, len(BODY)) + BODY
+    )
 
 
 class NullTransport:
@@ -60,7 +64,7 @@ def load(path: str | None) -> ModuleType:
     return module
 
 
-def measure(module: ModuleType, requests: int, per_read: int) -> float:
+def measure(module: ModuleType, requests: int, per_read: int, target: bytes = b"/increment") -> float:
     pending: dict[str, int] = {}
 
     def increment(path: bytes, query: bytes, body: bytes) -> Response:
@@ -72,7 +76,7 @@ def measure(module: ModuleType, requests: int, per_read: int) -> float:
     limits = module.ConnectionLimits(max_body=65536, max_header_bytes=8192, keepalive_ticks=5, read_ticks=10)
     protocol: Any = module.HttpProtocol(module.ServerState(router, limits, WorkerStats()))
     protocol.connection_made(NullTransport())
-    data = REQUEST * per_read
+    data = request(target) * per_read
     reads = requests // per_read
     started = time.process_time()
     for _ in range(reads):
@@ -89,11 +93,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     module = load(args.protocol)
-    for per_read in (1, 100):
-        results = sorted(measure(module, args.requests, per_read) for _ in range(args.rounds))
+    for per_read, target in ((1, b"/increment"), (100, b"/increment"), (1, b"/increment?via=bench")):
+        results = sorted(measure(module, args.requests, per_read, target) for _ in range(args.rounds))
         print(
-            f"{args.protocol or 'current'}: {per_read:>3} per read: median {results[len(results) // 2]:.3f} us/request "
-            f"(min {results[0]:.3f}, max {results[-1]:.3f})"
+            f"{args.protocol or 'current'}: {target.decode():22s} {per_read:>3} per read: median "
+            f"{results[len(results) // 2]:.3f} us/request (min {results[0]:.3f}, max {results[-1]:.3f})"
         )
 
 

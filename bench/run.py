@@ -6,7 +6,12 @@ figure that compares fairly: wrk saturates its own core near 100k req/s here. Fo
 (graceful: final flush) and checks that PostgreSQL holds a total no smaller than the requests wrk completed and no
 larger than that plus the requests that could have been in flight.
 
-    python bench/run.py [--duration 10] [--rounds 2] [--connections 64] [--script increment_hot.lua]
+While wrk runs against fastcount, two probes run from this process: the loop-lag gauges are read from the admin port
+once a second (the longest event-loop lag of each second, wall clock and on-CPU), and a freshness probe posts a new
+key every 50 ms on its own connection and polls PostgreSQL every 5 ms for it: the time from the 202 to the row.
+With --workers 2 every server and wrk share both cores (nothing pinned apart).
+
+    python bench/run.py [--duration 10] [--rounds 2] [--connections 64] [--script increment_hot.lua] [--workers 1]
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +44,11 @@ from fastcount.store.embedded import temporary_postgres  # noqa: E402
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
+FRESHNESS_EVERY = 0.05  # seconds between freshness probe requests
+FRESHNESS_POLL = 0.005  # seconds between PostgreSQL polls for the probe keys
+TARGET_CPU_RATIO = 1.15  # fastcount / nginx, CPU per request
+TARGET_P99_RATIO = 3.0  # fastcount / nginx, p99 latency
+TARGET_LOOP_LAG_MS = 1.0
 
 
 @dataclass
@@ -99,9 +112,9 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
-def run_wrk(port: int, script: str, duration: float, connections: int) -> dict[str, object]:
+def run_wrk(port: int, script: str, duration: float, connections: int, cpus: str = CLIENT_CPU) -> dict[str, object]:
     command = [
-        "taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency",
+        "taskset", "-c", cpus, "wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency",
         "-s", str(BENCH / script), f"http://127.0.0.1:{port}",
     ]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -109,6 +122,9 @@ def run_wrk(port: int, script: str, duration: float, connections: int) -> dict[s
     latency = {
         pct: _to_ms(value, unit) for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(\w+)", output, re.M)
     }
+    tail = re.search(r"tail-us p99=(\d+) p999=(\d+) max=(\d+)", output)
+    if tail:  # the script's done() reports microseconds, finer than wrk's own table
+        latency["99"], latency["99.9"], latency["max"] = (int(n) / 1000 for n in tail.groups())
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     return {
@@ -126,19 +142,128 @@ def _to_ms(value: str, unit: str) -> float:
 
 class Contender:
     name = ""
+    workers = 1
+
+    @property
+    def cpus(self) -> str:
+        return SERVER_CPU if self.workers == 1 else "0,1"
 
     def start(self, port: int) -> subprocess.Popen[bytes]:
         raise NotImplementedError
+
+    def probes_start(self, port: int) -> None:
+        """Start what watches the server while wrk drives it (nothing, for a baseline)."""
+
+    def probes_stop(self) -> dict[str, object]:
+        return {}
 
     def after(self, process: subprocess.Popen[bytes], completed: int, connections: int) -> str:
         return ""
 
 
+class LagWatcher(threading.Thread):
+    """Reads the per-second loop-lag gauges from the admin port: the longest lag of each second, any worker."""
+
+    def __init__(self, admin_port: int) -> None:
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{admin_port}/metrics"
+        self.stopped = threading.Event()
+        self.wall: list[float] = []
+        self.own: list[float] = []
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            try:
+                text = urllib.request.urlopen(self.url, timeout=2).read().decode()
+            except OSError:
+                continue
+            for name, into in (("max", self.wall), ("own_max", self.own)):
+                values = re.findall(rf"^fastcount_event_loop_lag_{name}_seconds{{[^}}]*}} (\S+)$", text, re.M)
+                if values:
+                    into.append(max(float(v) for v in values))
+
+
+class FreshnessProbe(threading.Thread):
+    """Posts a new key every FRESHNESS_EVERY on its own connection; a second thread polls PostgreSQL for the keys
+    answered 202 and not yet seen. Freshness: the time from the 202 to the row being visible."""
+
+    def __init__(self, port: int, dsn: str) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.dsn = dsn
+        self.stopped = threading.Event()
+        self.finished = threading.Event()
+        self.answered: dict[str, float] = {}  # key -> when its 202 arrived
+        self.lock = threading.Lock()
+        self.delays: list[float] = []
+        self.sent = 0
+        self.poller = threading.Thread(target=self.poll, daemon=True)
+        self.prefix = f"fresh-{port}-{time.monotonic_ns()}-"
+
+    def run(self) -> None:
+        self.poller.start()
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with sock:
+            while not self.stopped.wait(FRESHNESS_EVERY):
+                key = f"{self.prefix}{self.sent}"
+                body = json.dumps({"key": key, "value": 1}).encode()
+                sock.sendall(
+                    b"POST /increment HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        return
+                    answer += chunk
+                self.sent += 1
+                if answer.startswith(b"HTTP/1.1 202"):
+                    with self.lock:
+                        self.answered[key] = time.monotonic()
+
+    def poll(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while True:
+                with self.lock:
+                    waiting = list(self.answered)
+                if waiting:
+                    found = conn.execute("SELECT key FROM counters WHERE key = ANY(%s)", (waiting,)).fetchall()
+                    now = time.monotonic()
+                    with self.lock:
+                        for (key,) in found:
+                            self.delays.append(now - self.answered.pop(key))
+                if self.finished.wait(FRESHNESS_POLL):
+                    return
+
+    def finish(self, settle: float) -> None:
+        """Stop posting, give the server `settle` seconds to flush the last keys as it always does, stop polling."""
+        self.stopped.set()
+        self.join(5)
+        deadline = time.monotonic() + settle
+        while self.answered and time.monotonic() < deadline:
+            time.sleep(FRESHNESS_POLL)
+        self.finished.set()
+        self.poller.join(5)
+
+
 class Fastcount(Contender):
     name = "fastcount"
 
-    def __init__(self, dsn: str, script: str) -> None:
+    def __init__(
+        self, dsn: str, script: str, workers: int = 1, flush_interval: float = 1.0, root: Path = ROOT, name: str = ""
+    ) -> None:
+        self.name = name or self.name
+        self.root = root  # another checkout's package, to compare two versions in one run
         self.dsn = dsn
+        self.workers = workers
+        self.flush_interval = flush_interval
+        self.admin_port = 0
+        self.freshness_probe = not Path(script).name.startswith("verve")
+        self.lag: LagWatcher | None = None
+        self.fresh: FreshnessProbe | None = None
+        self.probe_requests = 0
         # verve_*.lua scripts send a new id per request: check ids stored, not counter totals
         self.total_sql = (
             "SELECT count(*) FROM verve_ids" if Path(script).name.startswith("verve") else
@@ -155,11 +280,51 @@ class Fastcount(Contender):
                 "CREATE TABLE IF NOT EXISTS verve_ids (window_start bigint, id bigint, PRIMARY KEY (window_start, id))"
             )
             conn.execute("TRUNCATE verve_ids")
-        command = [sys.executable, "-m", "fastcount", "serve", "--port", str(port), "--workers", "1", "--dsn", self.dsn]
-        command += ["--admin-port", str(free_port())]  # every feature on, metrics included
-        return subprocess.Popen(["taskset", "-c", SERVER_CPU, *command], cwd=ROOT, stderr=subprocess.DEVNULL)
+        self.admin_port = free_port()
+        command = [sys.executable, "-m", "fastcount", "serve", "--port", str(port), "--dsn", self.dsn]
+        command += ["--workers", str(self.workers), "--flush-interval", str(self.flush_interval)]
+        command += ["--admin-port", str(self.admin_port)]  # every feature on, metrics included
+        env = {**os.environ, "PYTHONPATH": str(self.root)}
+        return subprocess.Popen(
+            ["taskset", "-c", self.cpus, *command], cwd=self.root, env=env, stderr=subprocess.DEVNULL
+        )
+
+    def probes_start(self, port: int) -> None:
+        self.lag = LagWatcher(self.admin_port)
+        self.lag.start()
+        if self.freshness_probe:
+            self.fresh = FreshnessProbe(port, self.dsn)
+            self.fresh.start()
+
+    def probes_stop(self) -> dict[str, object]:
+        extra: dict[str, object] = {}
+        if self.lag is not None:
+            self.lag.stopped.set()
+            self.lag.join(5)
+            extra["loop_lag_max_ms"] = round(max(self.lag.wall, default=0.0) * 1000, 2)
+            extra["loop_lag_own_max_ms"] = round(max(self.lag.own, default=0.0) * 1000, 2)
+            extra["seconds_own_lag_over_1ms"] = sum(1 for own in self.lag.own if own > 0.001)
+            extra["seconds_watched"] = len(self.lag.own)
+        self.probe_requests = 0
+        if self.fresh is not None:
+            self.fresh.finish(settle=self.flush_interval + 1.0)
+            self.probe_requests = self.fresh.sent
+            extra.update(self.freshness(sorted(self.fresh.delays)))
+            self.fresh = None
+        return extra
+
+    def freshness(self, delays: list[float]) -> dict[str, object]:
+        if not delays:
+            return {"freshness_samples": 0}
+        return {
+            "freshness_samples": len(delays),
+            "freshness_p50_ms": round(delays[len(delays) // 2] * 1000, 1),
+            "freshness_p99_ms": round(delays[min(len(delays) - 1, int(len(delays) * 0.99))] * 1000, 1),
+            "freshness_max_ms": round(delays[-1] * 1000, 1),
+        }
 
     def after(self, process: subprocess.Popen[bytes], completed: int, connections: int) -> str:
+        completed += self.probe_requests  # the freshness probe's keys count too (value 1 each)
         process.send_signal(signal.SIGTERM)
         process.wait(60)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -174,35 +339,39 @@ class Fastcount(Contender):
 class Uvicorn(Contender):
     name = "uvicorn"
 
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+
     def start(self, port: int) -> subprocess.Popen[bytes]:
         command = [
-            sys.executable, "-m", "uvicorn", "asgi_baseline:app", "--port", str(port), "--workers", "1",
+            sys.executable, "-m", "uvicorn", "asgi_baseline:app", "--port", str(port), "--workers", str(self.workers),
             "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
         ]  # fmt: skip
-        return subprocess.Popen(["taskset", "-c", SERVER_CPU, *command], cwd=BENCH, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(["taskset", "-c", self.cpus, *command], cwd=BENCH, stderr=subprocess.DEVNULL)
 
 
 class Nginx(Contender):
     name = "nginx"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, workers: int = 1) -> None:
         self.workdir = workdir
+        self.workers = workers
 
     def start(self, port: int) -> subprocess.Popen[bytes]:
         config = self.workdir / f"nginx-{port}.conf"
         config.write_text(
             f"""
-            daemon off; worker_processes 1; pid {self.workdir}/nginx-{port}.pid; error_log stderr error;
+            daemon off; worker_processes {self.workers}; pid {self.workdir}/nginx-{port}.pid; error_log stderr error;
             events {{ worker_connections 4096; }}
             http {{
                 access_log off;
                 client_body_temp_path {self.workdir};
-                server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ return 202; }} }}
+                server {{ listen 127.0.0.1:{port} backlog=4096 reuseport; location / {{ return 202; }} }}
             }}
             """
         )
         command = ["nginx", "-c", str(config), "-p", str(self.workdir)]
-        return subprocess.Popen(["taskset", "-c", SERVER_CPU, *command], stderr=subprocess.DEVNULL)
+        return subprocess.Popen(["taskset", "-c", self.cpus, *command], stderr=subprocess.DEVNULL)
 
 
 def measure(contender: Contender, round_: int, args: argparse.Namespace) -> Measurement:
@@ -211,13 +380,16 @@ def measure(contender: Contender, round_: int, args: argparse.Namespace) -> Meas
     try:
         wait_for_port(port)
         time.sleep(0.5)
-        warmup = run_wrk(port, args.script, 1, args.connections)
+        client_cpus = CLIENT_CPU if args.workers == 1 else "0,1"
+        warmup = run_wrk(port, args.script, 1, args.connections, client_cpus)
         pids = process_tree(process.pid)
+        contender.probes_start(port)
         before = cpu_seconds(pids)
         started = time.monotonic()
-        result = run_wrk(port, args.script, args.duration, args.connections)
+        result = run_wrk(port, args.script, args.duration, args.connections, client_cpus)
         elapsed = time.monotonic() - started
         used = cpu_seconds(pids) - before
+        extra = contender.probes_stop()
         requests = int(result["requests"])  # type: ignore[call-overload]
         checked = contender.after(process, requests + int(warmup["requests"]), 2 * args.connections)  # type: ignore[call-overload]
         return Measurement(
@@ -232,6 +404,7 @@ def measure(contender: Contender, round_: int, args: argparse.Namespace) -> Meas
             non_2xx=int(result["non_2xx"]) + int(warmup["non_2xx"]),  # type: ignore[call-overload]
             socket_errors=int(result["socket_errors"]),  # type: ignore[call-overload]
             checked_total=checked,
+            extra=extra,
         )
     finally:
         if process.poll() is None:
@@ -242,6 +415,63 @@ def measure(contender: Contender, round_: int, args: argparse.Namespace) -> Meas
                 process.kill()
 
 
+def _median(results: list[Measurement], name: str, value: Callable[[Measurement], float]) -> float:
+    return statistics.median(value(r) for r in results if r.contender == name)
+
+
+def summarise(results: list[Measurement], args: argparse.Namespace) -> None:
+    """Medians over the rounds, and the ratios of each round (fastcount and the baseline measured side by side)."""
+    names = sorted({r.contender for r in results})
+    print(
+        f"\nmedians ({args.script}, -c{args.connections}, {args.duration:.0f}s x {args.rounds}, "
+        f"{args.workers} worker(s)):"
+    )
+    for name in names:
+        print(
+            f"  {name:10s} {_median(results, name, lambda r: r.cpu_us_per_request):6.2f} us CPU/req  "
+            f"p99 {_median(results, name, lambda r: r.latency_ms.get('99', 0)):6.2f} ms  "
+            f"p99.9 {_median(results, name, lambda r: r.latency_ms.get('99.9', 0)):6.2f} ms"
+        )
+    for contender in ("before", "fastcount"):
+        ours = [r for r in results if r.contender == contender]
+        if ours:
+            _judge(contender, ours, results, args)
+
+
+def _judge(contender: str, ours: list[Measurement], results: list[Measurement], args: argparse.Namespace) -> None:
+    for baseline in ("nginx", "uvicorn"):
+        theirs = {r.round: r for r in results if r.contender == baseline}
+        pairs = [(r, theirs[r.round]) for r in ours if r.round in theirs]
+        if not pairs:
+            continue
+        cpu = statistics.median(a.cpu_us_per_request / b.cpu_us_per_request for a, b in pairs)
+        p99 = statistics.median(a.latency_ms.get("99", 0) / max(b.latency_ms.get("99", 0), 1e-3) for a, b in pairs)
+        line = f"  {contender} / {baseline}: CPU {cpu:.2f}"
+        if baseline == "nginx":
+            line += f" (target <= {TARGET_CPU_RATIO}: {'meets' if cpu <= TARGET_CPU_RATIO else 'MISSES'})"
+            line += (
+                f", p99 {p99:.2f} (target <= {TARGET_P99_RATIO}: {'meets' if p99 <= TARGET_P99_RATIO else 'MISSES'})"
+            )
+        print(line + "  [median of per-round ratios]")
+    walls = [float(r.extra.get("loop_lag_max_ms", 0)) for r in ours]  # type: ignore[arg-type]
+    owns = [float(r.extra.get("loop_lag_own_max_ms", 0)) for r in ours]  # type: ignore[arg-type]
+    over = sum(int(r.extra.get("seconds_own_lag_over_1ms", 0)) for r in ours)  # type: ignore[call-overload]
+    seconds = sum(int(r.extra.get("seconds_watched", 0)) for r in ours)  # type: ignore[call-overload]
+    print(
+        f"  {contender} max loop lag: {max(walls):.2f} ms wall clock (rounds' median {statistics.median(walls):.2f}), "
+        f"{max(owns):.2f} ms on its CPU (rounds' median {statistics.median(owns):.2f}; {over} of {seconds} seconds "
+        f"over 1 ms) (target <= {TARGET_LOOP_LAG_MS} ms: {'meets' if max(owns) <= TARGET_LOOP_LAG_MS else 'MISSES'})"
+    )
+    fresh = [float(r.extra["freshness_p99_ms"]) for r in ours if "freshness_p99_ms" in r.extra]  # type: ignore[arg-type]
+    if fresh:
+        limit = args.flush_interval * 1000 + 100
+        worst = max(fresh)
+        print(
+            f"  {contender} freshness p99 (202 -> row in PostgreSQL): {statistics.median(fresh):.0f} ms median of "
+            f"rounds, worst {worst:.0f} ms (target <= {limit:.0f} ms: {'meets' if worst <= limit else 'MISSES'})"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0)
@@ -249,46 +479,62 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--script", default="increment_hot.lua")
     parser.add_argument("--only", default="", help="comma-separated contenders to run (fastcount,uvicorn,nginx)")
+    parser.add_argument("--workers", type=int, default=1, help="1: server on core 0, wrk on core 1; 2: all on both")
+    parser.add_argument("--flush-interval", type=float, default=1.0, help="fastcount's --flush-interval")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        help="a directory holding another version's fastcount/ package (`git archive <rev> fastcount | tar -x -C DIR`),"
+        " run as contender 'before' beside this one",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
 
     results: list[Measurement] = []
     with temporary_postgres("fastcount-bench-") as database:
-        contenders: list[Contender] = [Fastcount(database.dsn, args.script), Uvicorn()]
+        contenders: list[Contender] = [
+            Fastcount(database.dsn, args.script, args.workers, args.flush_interval),
+            Uvicorn(args.workers),
+        ]
+        if args.compare_with:
+            before = Fastcount(
+                database.dsn, args.script, args.workers, args.flush_interval, args.compare_with, "before"
+            )
+            contenders.insert(1, before)
         if shutil.which("nginx"):
-            contenders.append(Nginx(database.data_dir.parent))
+            contenders.append(Nginx(database.data_dir.parent, args.workers))
         else:
             print("nginx not installed (Debian: apt-get install nginx-light): no nginx baseline", file=sys.stderr)
         if args.only:
             contenders = [c for c in contenders if c.name in args.only.split(",")]
         for round_ in range(1, args.rounds + 1):
-            for contender in contenders:  # alternate, so drift on this shared machine hits every contender alike
+            # alternate, and reverse the order every other round, so drift on this shared machine hits all alike
+            for contender in contenders if round_ % 2 else contenders[::-1]:
                 result = measure(contender, round_, args)
                 results.append(result)
+                probes = "".join(f"  {name} {value}" for name, value in result.extra.items())
                 print(
                     f"{result.contender:10s} round {round_}: {result.requests_per_second:7d} req/s  "
                     f"{result.cpu_us_per_request:6.2f} us CPU/req  p50 {result.latency_ms.get('50', 0):.2f} ms  "
-                    f"p99 {result.latency_ms.get('99', 0):.2f} ms  non-2xx {result.non_2xx}  "
-                    f"errors {result.socket_errors}  {result.checked_total}",
+                    f"p99 {result.latency_ms.get('99', 0):.2f} ms  p99.9 {result.latency_ms.get('99.9', 0):.2f} ms  "
+                    f"non-2xx {result.non_2xx}  errors {result.socket_errors}  {result.checked_total}{probes}",
                     flush=True,
                 )
 
-    cpu = {name: statistics.median(r.cpu_us_per_request for r in results if r.contender == name) for name in
-           {r.contender for r in results}}  # fmt: skip
-    print(f"\nmedian CPU per request ({args.script}, -c{args.connections}, {args.duration:.0f}s x {args.rounds}):")
-    for name, value in sorted(cpu.items()):
-        print(f"  {name:10s} {value:6.2f} us")
-    if "fastcount" in cpu:
-        for baseline, target in (("uvicorn", 1 / 3), ("nginx", 1.25)):
-            if baseline in cpu:
-                ratio = cpu["fastcount"] / cpu[baseline]
-                verdict = "meets" if ratio <= target else "MISSES"
-                print(f"  fastcount / {baseline}: {ratio:.2f} (target <= {target:.2f}: {verdict})")
+    summarise(results, args)
     out_dir = BENCH / "results"
     out_dir.mkdir(exist_ok=True)
     out_file = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(args.script).stem}.json"
-    out_file.write_text(json.dumps({"args": vars(args), "results": [asdict(r) for r in results]}, indent=2))
+    out_file.write_text(
+        json.dumps(
+            {
+                "args": vars(args) | {"compare_with": str(args.compare_with or "")},
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+    )
     print(f"results written to {out_file.relative_to(ROOT)}")
     return 0 if all(r.non_2xx == 0 for r in results) else 1
 

@@ -6,3 +6,8 @@ request = function()
   next_id = next_id + 1
   return wrk.format("GET", string.format("/api/verve/accept?id=%.0f", next_id))
 end
+
+-- bench/run.py reads the tail from this line (wrk --latency prints no 99.9th percentile)
+done = function(summary, latency, requests)
+  io.write(string.format("tail-us p99=%d p999=%d max=%d\n", latency:percentile(99), latency:percentile(99.9), latency.max))
+end

@@ -39,7 +39,9 @@ _knob = knob
 class Settings:
     host: str = _knob("0.0.0.0", "address to listen on")
     port: int = _knob(3333, "TCP port of the API", minimum=0, maximum=65535)
-    workers: int = _knob(os.cpu_count() or 1, "worker processes", minimum=1, default_text="number of CPUs")
+    # At most 256: each worker holds several PostgreSQL connections (one per flush lane, a read pool, jobs), so a
+    # mistyped count (1000 on a 2-core box) would exhaust the database and the machine rather than serve.
+    workers: int = _knob(os.cpu_count() or 1, "worker processes", minimum=1, maximum=256, default_text="number of CPUs")
     dsn: str = _knob("", "PostgreSQL connection string; empty starts the embedded PostgreSQL under --data-dir")
     db_wait: float = _knob(10.0, "seconds to keep trying to reach PostgreSQL at start before giving up", minimum=0)
     data_dir: str = _knob("./.fastcount", "directory of the embedded PostgreSQL cluster (used when --dsn is empty)")

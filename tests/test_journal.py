@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import orjson
@@ -61,6 +62,32 @@ def test_acknowledged_batch_is_gone_and_its_region_reused_clean() -> None:
     journal.append(body("z", 9))
     [pending] = recover(fd)
     assert counts().replay(pending.records) == {"z": 9}
+
+
+def test_regions_released_step_by_step_in_a_running_loop_are_reused_clean() -> None:
+    fd, file = new_journal()
+    journal = file.sections["increment"]
+
+    async def rotate() -> None:
+        for seq in range(1, 8):
+            for _ in range(REGION // 64):  # most of a region: several release steps' worth of pages
+                journal.append(body("k" * 40, seq))
+            journal.take(seq)
+            journal.acknowledge()
+            if seq % 2:  # two page-sized steps only: the next take finds a region half zeroed
+                assert journal.releasing is not None
+                journal.releasing.cancel()
+                steps = asyncio.ensure_future(journal.release(step=4096))
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                assert not steps.done()
+            elif journal.releasing is not None:
+                await journal.releasing
+
+    asyncio.run(rotate())
+    journal.append(body("z", 9))
+    [pending] = recover(fd)
+    assert pending.records == [body("z", 9)]
 
 
 def test_long_record_then_short_ones_leave_no_stale_bytes_after_reuse() -> None:
@@ -127,3 +154,21 @@ def test_an_unreadable_record_is_skipped_and_counts_nothing_else_twice() -> None
     records = [body("a", 1), b'{"key": "a", "val', body("b", 2), b"\xff", body("a", 4)]
     assert counts().replay(records) == {"a": 5, "b": 2}
     assert counts().replay([b"not json", body("c", 3)]) == {"c": 3}
+
+
+def test_a_snapshot_that_did_not_fit_is_not_made_again_until_the_next_take() -> None:
+    _, file = new_journal()
+    journal = file.sections["increment"]
+    made: list[int] = []
+
+    def too_big() -> bytes:
+        made.append(1)
+        return b"S" + b"x" * REGION
+
+    for seq in (1, 2):
+        while journal.append(body("a", 1)):
+            pass
+        for _ in range(5):  # five requests meet the full region: one snapshot is made, not five
+            assert not journal.compact(too_big)
+        assert len(made) == seq
+        journal.take(seq)  # a flush took what was pending: a snapshot may fit again

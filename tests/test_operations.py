@@ -58,6 +58,11 @@ def test_metrics_have_per_worker_series_that_add_up(start_server: StartServer, p
     assert set(by_worker(samples["fastcount_journal_used_bytes"])) == {"0", "1"}
     assert all(value > 0 for value in by_worker(samples["fastcount_worker_resident_memory_bytes"]).values())
     assert "fastcount_flush_duration_seconds_bucket" in samples
+    flushes = samples["fastcount_flush_duration_seconds_count"]
+    assert {dict(labels)["buffer"] for labels in flushes} >= {"increment"}, "flush durations carry their buffer"
+    probe_runs = by_worker(samples["fastcount_event_loop_lag_seconds_count"])
+    assert set(probe_runs) == {"0", "1"} and all(count > 0 for count in probe_runs.values())
+    assert set(by_worker(samples["fastcount_event_loop_lag_max_seconds"])) == {"0", "1"}
     assert samples["fastcount_workers_ready"][()] == 2
 
 

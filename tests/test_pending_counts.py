@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastcount.features.increment import ACCEPTED, OVERLOADED, IncrementFeature, PendingCounts
+import asyncio
+import json
+
+from fastcount.features.increment import ACCEPTED, OVERLOADED, IncrementFeature, PendingCounts, json_parts
 
 
 def make(max_pending: int = 100, flush_max: int = 50) -> tuple[PendingCounts, list[int]]:
@@ -74,3 +77,18 @@ def test_invalid_increment_changes_nothing() -> None:
     response = post(pending, b'{"key":"a","value":0}')
     assert getattr(response, "status", None) == 400
     assert pending.take() is None
+
+
+def test_json_parts_hold_the_whole_batch_even_with_sums_past_64_bits() -> None:
+    batch = {f"key-{i}": i + 1 for i in range(25)}
+    batch["huge"] = 2**70  # a replayed sum: PostgreSQL refuses it (bigint) and the lane parks it; it must still be sent
+    batch['quote"tab\t\\é\n'] = 3
+
+    async def parts(part_keys: int) -> list[bytes]:
+        return [part async for part in json_parts(batch, part_keys)]
+
+    for part_keys in (1, 7, 10_000):
+        sent = asyncio.run(parts(part_keys))
+        assert len(sent) == -(-len(batch) // part_keys)
+        assert not any(byte in part for part in sent for byte in b"\n\r\x01\x02"), "one CSV line each, as it is"
+        assert {key: value for part in sent for key, value in json.loads(part).items()} == batch

@@ -73,7 +73,7 @@ class FlushBuffer(ABC):
         journal = self.journal
         if journal is None or journal.append(record):
             return True
-        if journal.compact(self.snapshot()) and journal.append(record):
+        if journal.compact(self.snapshot) and journal.append(record):
             return True
         self.request_flush()
         return False

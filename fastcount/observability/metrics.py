@@ -46,18 +46,36 @@ LABELLED_HELP = {
 GAUGES = {
     "connections_open": ("fastcount_http_connections_open", "client connections open now"),
     "resident_memory_bytes": ("fastcount_worker_resident_memory_bytes", "resident memory of the worker process"),
-    "open_fds": ("fastcount_worker_open_fds", "open file descriptors of the worker process"),
     "fd_limit": ("fastcount_worker_fd_limit", "the worker's descriptor limit (soft RLIMIT_NOFILE)"),
     "max_connections": ("fastcount_http_max_connections", "client connections at which the worker stops accepting"),
     "accept_paused": ("fastcount_http_accept_paused", "1 while the worker is not accepting (at the cap, after errors)"),
+    "open_fds": (
+        "fastcount_worker_open_fds",
+        "open file descriptors of the worker process (client connections now, plus the others as last listed)",
+    ),
+    "loop_lag_max_seconds": (
+        "fastcount_event_loop_lag_max_seconds",
+        "longest event-loop lag in the worker's last second (how long its loop was held by one piece of work)",
+    ),
+    "loop_lag_own_max_seconds": (
+        "fastcount_event_loop_lag_own_max_seconds",
+        "of the longest lag in the last second, the part the worker spent on the CPU (its own work, not preemption)",
+    ),
 }
 HISTOGRAMS = {
     "request_seconds": (
         "fastcount_http_request_duration_seconds",
         "time to parse, route and answer a read of requests (sampled: about one read in 16)",
     ),
-    "flush_seconds": ("fastcount_flush_duration_seconds", "time to commit one batch, retries excluded"),
+    "flush_seconds": (
+        "fastcount_flush_duration_seconds",
+        "time to commit one batch, retries excluded, by buffer (increment, events, verve)",
+    ),
     "flush_keys": ("fastcount_flush_keys", "distinct keys per committed batch"),
+    "loop_lag_seconds": (
+        "fastcount_event_loop_lag_seconds",
+        "how late the worker's 1 ms probe timer ran: the event loop was busy with other work for that long",
+    ),
 }
 
 
@@ -183,16 +201,20 @@ class MetricsBook:
             yield gauge
         yield from _feature_families("gauge", gauges, GAUGES, self.help_texts)
         for key, (name, help_text) in HISTOGRAMS.items():
-            histogram = HistogramMetricFamily(name, help_text, labels=["worker"])
-            for slot, total in per_slot.items():
-                data = total["histograms"].get(key)
-                if data is None:
-                    continue
+            series = [  # (slot, label names, label values, data): "name" or 'name{label="value"}' in the snapshot
+                (slot, *split_key(sent)[1:], data)
+                for slot, total in per_slot.items()
+                for sent, data in sorted(total["histograms"].items())
+                if split_key(sent)[0] == key
+            ]
+            labels = series[0][1] if series else []
+            histogram = HistogramMetricFamily(name, help_text, labels=["worker", *labels])
+            for slot, _, label_values, data in series:
                 cumulative, buckets = 0, []
                 for bound, count in zip([*data["bounds"], float("inf")], data["counts"], strict=True):
                     cumulative += count
                     buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
-                histogram.add_metric([str(slot)], buckets, data["sum"])
+                histogram.add_metric([str(slot), *label_values], buckets, data["sum"])
             yield histogram
         yield CounterMetricFamily(
             "fastcount_worker_restarts", "workers that died and were replaced", self.worker_restarts

@@ -440,16 +440,24 @@ class HttpProtocol(asyncio.Protocol):
             http10 = self.http10 = self.parser.get_http_version() == "1.0"
         http10_keep_alive = http10 and keep_alive
 
-        table = state.router.exact.get(url)
+        exact = state.router.exact
+        table = exact.get(url)
         route = table.get(self.parser.get_method()) if table is not None else None
+        path, query = url, b""
         if route is None:
-            path, query, target = state.router.resolve_target(self.parser.get_method(), url)
-            if isinstance(target, Response):
-                self._answer(target, keep_alive, http10_keep_alive, state.router.unmatched)
-                return
-            route = target
-        else:
-            path, query = url, b""
+            # A query string: its path alone is most often an exact route (GET /api/verve/accept?id=...).
+            query_at = url.find(b"?")
+            if query_at != -1:
+                table = exact.get(url[:query_at])
+                route = table.get(self.parser.get_method()) if table is not None else None
+                if route is not None:
+                    path, query = url[:query_at], url[query_at + 1 :]
+            if route is None:
+                path, query, target = state.router.resolve_target(self.parser.get_method(), url)
+                if isinstance(target, Response):
+                    self._answer(target, keep_alive, http10_keep_alive, state.router.unmatched)
+                    return
+                route = target
         try:
             if route.headers:
                 result = route.handler(path, query, body, _headers_for(route, request_headers))

@@ -10,7 +10,11 @@ Rules a lane keeps:
    with the ledger row, bisect the batch under savepoints, commit every item PostgreSQL takes and park each item it
    refuses in `fastcount_dead_letters` with the error. Nothing answered is silently dropped; nothing blocks forever.
 3. While a batch is retried, new requests keep accumulating in the buffer; the buffer bounds itself.
-4. Ticks are aligned to multiples of the interval, so flushes do not drift; on stop, everything is flushed.
+4. The interval bounds how long an answered request waits to be committed: a lane starts its next pass one interval
+   after the last one began, less the time its last write took (PostgreSQL's merge of 10,000 keys takes ~0.1 s
+   here, and the next batch's rows must be visible by then too). Lanes start at phases of their own within the
+   interval, so they do not wake together nor with the worker's stats tick at the second; on stop, everything is
+   flushed.
 5. Every statement has a timeout and the connection TCP keepalives: a half-open connection cannot hang a lane.
 What the rows mean is each buffer's business (fastcount/features/base.py).
 """
@@ -77,9 +81,12 @@ def writer_identity(slot: int) -> str:
 class Lane:
     """One buffer's path to PostgreSQL: its batch in flight, recovered batches to write first, back-off, connection."""
 
-    def __init__(self, flusher: Flusher, buffer: FlushBuffer) -> None:
+    def __init__(self, flusher: Flusher, buffer: FlushBuffer, phase: float = 0.0) -> None:
         self.flusher = flusher
         self.buffer = buffer
+        self.phase = phase  # seconds past a multiple of the interval at which this lane first wakes
+        self.pass_started: float | None = None  # time.monotonic() when the last flush pass began
+        self.write_seconds = 0.0  # how long the last pass's write of a batch took (0 when it wrote nothing)
         self.writer = f"{flusher.writer}/{buffer.name}"
         self.wake = asyncio.Event()
         buffer.request_flush = self.wake.set
@@ -131,6 +138,7 @@ class Lane:
         if self.in_flight is None:
             batch = self.buffer.take()
             if batch is None:
+                self.write_seconds = 0.0
                 await self._idle_upkeep()
                 return True, took_any
             rows, units = self.buffer.describe(batch)
@@ -138,8 +146,10 @@ class Lane:
             if self.buffer.journal is not None:
                 self.buffer.journal.take(self.next_seq)
             self.next_seq += 1
+        started = time.monotonic()
         if not await self._write(self.in_flight):
             return False, True
+        self.write_seconds = time.monotonic() - started
         self.in_flight = None
         self.buffer.acknowledge()
         if self.buffer.journal is not None:
@@ -154,12 +164,19 @@ class Lane:
         if self.flusher.stopping:
             return
         interval = self.flusher.interval
-        now = time.time()
-        try:
-            await asyncio.wait_for(self.wake.wait(), (now // interval + 1) * interval - now)
-        except TimeoutError:
-            pass
+        if self.pass_started is None:
+            now = time.time() - self.phase
+            delay = (now // interval + 1) * interval - now
+        else:
+            lead = min(self.write_seconds, interval / 2)
+            delay = self.pass_started + interval - lead - time.monotonic()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self.wake.wait(), delay)
+            except TimeoutError:
+                pass
         self.wake.clear()
+        self.pass_started = time.monotonic()
 
     async def _write(self, in_flight: InFlight) -> bool:
         flusher = self.flusher
@@ -195,7 +212,7 @@ class Lane:
         stats = flusher.stats
         stats.flushes += 1
         stats.flushed_rows += rows
-        stats.flush_seconds.observe(time.perf_counter() - started)
+        stats.flush_seconds_of(self.buffer.name).observe(time.perf_counter() - started)
         stats.flush_keys.observe(in_flight.rows)
         if parked:
             stats.dead_letters += parked
@@ -335,7 +352,11 @@ class Flusher:
         self.stopping = False
         self.migrated = False
         self.drop_after_commits = int(os.environ.get(FAILPOINT_ENV, "0") or 0)
-        self.lanes = {buffer.name: Lane(self, buffer) for buffer in buffers}
+        # Phases spread the lanes over the interval: 1/4, 2/4, 3/4 of it for three buffers.
+        self.lanes = {
+            buffer.name: Lane(self, buffer, interval * (index + 1) / (len(buffers) + 1))
+            for index, buffer in enumerate(buffers)
+        }
         self.on_adopted_written: Callable[[], None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
