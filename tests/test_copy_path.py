@@ -1,5 +1,5 @@
-"""Large batches (COPY_THRESHOLD keys and more) go through COPY into a staging table and a merge: the totals must be
-added to the counters already there, exactly as the unnest() path below the threshold adds them."""
+"""Large batches go to PostgreSQL in JSON parts of JSON_PART_KEYS keys (COPYed into a staging table, then merged):
+the totals must be added to the counters already there, whether a batch is one part, exactly one, or many."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import psycopg
 import pytest
 
-from fastcount.features.increment import COPY_THRESHOLD, PendingCounts
+from fastcount.features.increment import JSON_PART_KEYS, PendingCounts
 from fastcount.observability.stats import WorkerStats
 from fastcount.store.flusher import Flusher
 
@@ -24,7 +24,7 @@ def seed(database: Database, counts: dict[str, int]) -> None:
             copy.write_row((key, value, "2020-01-01T00:00:00Z"))
 
 
-@pytest.mark.parametrize("keys", [COPY_THRESHOLD - 1, COPY_THRESHOLD, COPY_THRESHOLD + 1, 100_000])
+@pytest.mark.parametrize("keys", [JSON_PART_KEYS - 1, JSON_PART_KEYS, JSON_PART_KEYS + 1, 100_000])
 def test_one_batch_of_many_keys_adds_to_existing_counters(database: Database, prefix: str, keys: int) -> None:
     existing = {f"{prefix}{i}": 1_000_000 + i for i in range(0, keys, 2)}  # every other key is already counted
     seed(database, existing)

@@ -170,7 +170,10 @@ def test_worker_at_its_connection_cap_keeps_flushing_and_serves_waiting_clients_
         text = published(admin_port)
         assert series(text, "fastcount_http_max_connections", worker="0") == cap
         assert series(text, "fastcount_worker_fd_limit", worker="0") == HARD
-        assert series(text, "fastcount_http_accept_pauses_total", worker="0") >= 1
+        wait_until(
+            lambda: series(published(admin_port), "fastcount_http_accept_pauses_total", worker="0") >= 1,
+            "the pause at the cap published",
+        )
         assert series(text, "fastcount_http_accept_errors_total", worker="0", errno="EMFILE") == 0
         wait_until(lambda: series(metrics(admin_port), "fastcount_http_accept_paused", worker="0") == 1, "paused gauge")
         server.wait_for_log(rf"event=max_connections_reached slot=0 connections={cap} max_connections={cap}")

@@ -39,10 +39,10 @@ def db(database: Database) -> Iterator[Database]:
 
 
 def serve(start_server: StartServer, db: Database, log: Path, *args: str, workers: int = 1,
-          env: dict[str, str] | None = None) -> Server:  # fmt: skip
+          env: dict[str, str] | None = None, expect_errors: tuple[str, ...] = ()) -> Server:  # fmt: skip
     return start_server(
         "--verve-window", str(WINDOW), "--verve-lease", "1", "--verve-log", str(log), *args,
-        workers=workers, dsn=db.dsn, env=env,
+        workers=workers, dsn=db.dsn, env=env, expect_errors=expect_errors,
     )  # fmt: skip
 
 
@@ -313,7 +313,7 @@ def test_a_bad_report_log_path_is_logged_and_the_job_keeps_trying(
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the log's directory should be")
     log = blocker / "verve.log"
-    server = serve(start_server, db, log)
+    server = serve(start_server, db, log, expect_errors=(r"event=verve_job_failed step=report", r"^Traceback"))
     server.wait_for_log(r"event=verve_job_failed step=report", timeout=30)
     assert "Traceback" in server.log  # logged as an error, with its cause
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
