@@ -88,6 +88,8 @@ class Settings:
             raise SettingError(
                 f"{{0}} must be debug, info, warning or error, got {_braced(repr(self.log_level))}", "log_level"
             )
+        if self.port and self.port == self.admin_port:
+            raise SettingError(f"{{0}} and {{1}} must differ, both are {self.port}", "port", "admin_port")
         if self.flush_max_keys > self.max_pending_keys:
             raise SettingError(
                 f"{{0}} ({self.flush_max_keys}) must not exceed {{1}} ({self.max_pending_keys})",
@@ -133,6 +135,14 @@ class Settings:
                         f"{{0}}: cannot read {_braced(env_file)}: {error.strerror}", "env_file"
                     ) from None
             fields = {spec.name: spec for _, spec in knob_fields(sections)}
+            known = {cls.env_name(name) for name in fields}
+            unknown = [name for name in from_file if name not in known]
+            if unknown:  # a misspelt line would otherwise be ignored without a word
+                raise SettingError(
+                    f"{{0}}: {_braced(str(env_file))} sets {_braced(', '.join(unknown))}, "
+                    "which fastcount does not know (see fastcount serve --help)",
+                    "env_file",
+                )
             values: dict[str, Any] = {}
             for spec in fields.values():
                 variable = cls.env_name(spec.name)

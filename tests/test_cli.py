@@ -190,3 +190,20 @@ def test_env_example_lists_every_setting() -> None:
     for _, spec in knob_fields(settings_sections()):
         if spec.name != "env_file":
             assert Settings.env_name(spec.name) + "=" in example, spec.name
+
+
+def test_an_env_file_line_fastcount_does_not_know_is_refused(tmp_path: Path) -> None:
+    env_file = tmp_path / "fastcount.env"
+    env_file.write_text("FASTCOUNT_FLUSH_INTERVL=2\n")  # misspelt: silently ignored before
+    result = run_cli("serve", "--env-file", str(env_file))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"fastcount: --env-file: {env_file} sets FASTCOUNT_FLUSH_INTERVL, which fastcount does not know "
+        "(see fastcount serve --help)"
+    )
+
+
+def test_the_same_port_for_the_api_and_the_admin_listener_is_refused() -> None:
+    result = run_cli("serve", "--port", "3399", "--admin-port", "3399")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "fastcount: --port and --admin-port must differ, both are 3399"

@@ -93,3 +93,9 @@ def test_read_your_flushed_value_over_http(start_server: StartServer, prefix: st
         time.sleep(0.05)
     conn.close()
     assert json.loads(body)["value"] == 10
+
+
+def test_reading_a_key_with_nul_is_a_400_not_a_database_outage(start_server: StartServer) -> None:
+    server = start_server()
+    status, _, body = request(server.port, "GET", "/counters/a%00")
+    assert status == 400 and b"NUL" in body

@@ -308,10 +308,12 @@ class IncrementFeature(Feature):
             return error_response(400, "key must be UTF-8")
         if not key or len(raw_key) > MAX_KEY_BYTES:
             return error_response(400, f"key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8")
+        if "\x00" in key:  # no counter can hold it; PostgreSQL would refuse the query, not report "not found"
+            return error_response(400, "key must not contain NUL (U+0000)")
         try:
             async with self.read_pool.connection() as conn:
                 row = await (await conn.execute(READ_COUNTER, (key,))).fetchone()
-        except (psycopg.Error, OSError, TimeoutError):
+        except (psycopg.OperationalError, OSError, TimeoutError):
             return DATABASE_UNAVAILABLE
         if row is None:
             return COUNTER_NOT_FOUND

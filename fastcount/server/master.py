@@ -411,6 +411,7 @@ class Master:
                 command,
                 pass_fds=(listen_fd, write_end, *([journal_fd] if journal_fd >= 0 else [])),
                 env={**self._worker_environ, CONFIG_ENV: worker_config(self.settings, self.dsn, self.application)},
+                process_group=0,  # a terminal's Ctrl-C reaches the master alone, which stops the workers in order
             )
         except OSError as error:  # no memory, no fds, no processes left: a failed boot, retried with back-off
             for fd in (read_end, journal_fd):
@@ -632,6 +633,7 @@ class Master:
                 command,
                 pass_fds=(write_end, journal.fd),
                 env={**self._worker_environ, CONFIG_ENV: worker_config(self.settings, self.dsn, self.application)},
+                process_group=0,
             )
         except OSError as error:
             os.close(read_end)
