@@ -6,13 +6,24 @@ PostgreSQL is cut off by a proxy between the server and the shared database."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import urllib.request
 from collections import Counter
 
-from conftest import Database, ProxiedDatabase, StartServer, wait_until
+from conftest import Database, ProxiedDatabase, StartServer, free_port, wait_until
 from httpclient import request
 
 BIG_BODY = str(1 << 20)
+
+
+def metric(admin_port: int, name: str) -> float:
+    """The sum of a metric's series (every worker's)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    assert values, f"no {name} in the exposition"
+    return sum(float(value) for value in values)
 
 
 def post_items(port: int, items: list[tuple[str, int]]) -> tuple[int, dict[str, str]]:
@@ -23,9 +34,11 @@ def post_items(port: int, items: list[tuple[str, int]]) -> tuple[int, dict[str, 
 def test_pending_bound_with_many_keys_answers_503_then_everything_accepted_is_counted(
     proxied_database: ProxiedDatabase, start_server: StartServer, database: Database, prefix: str
 ) -> None:
+    admin = free_port()
     server = start_server(
-        "--max-pending-keys", "5000", "--flush-max-keys", "1000", "--max-body", BIG_BODY, dsn=proxied_database.dsn
-    )
+        "--max-pending-keys", "5000", "--flush-max-keys", "1000", "--max-body", BIG_BODY, "--admin-port", str(admin),
+        dsn=proxied_database.dsn,
+    )  # fmt: skip
     wait_until(lambda: request(server.port, "GET", "/readyz")[0] == 200, "connected")
     proxied_database.proxy.cut()
     accepted: Counter[str] = Counter()
@@ -43,9 +56,13 @@ def test_pending_bound_with_many_keys_answers_503_then_everything_accepted_is_co
     status, headers, _ = request(server.port, "GET", f"/counters/{prefix}0-1")  # a read needs PostgreSQL itself
     assert (status, headers.get("Retry-After")) == (503, "1")
     assert request(server.port, "GET", "/healthz")[0] == 200
+    # What the README says to alert on: a backlog held in memory, no connection to PostgreSQL.
+    wait_until(lambda: metric(admin, "fastcount_flush_backlog_keys") > 0, "the backlog metric shows the batch in retry")
+    wait_until(lambda: metric(admin, "fastcount_postgres_connected") == 0, "the connection metric shows the outage")
     proxied_database.proxy.restore()
     wait_until(lambda: database.counts(prefix) == dict(accepted), "the backlog is written once PostgreSQL is back")
     wait_until(lambda: request(server.port, "GET", "/readyz")[0] == 200, "ready again")
+    wait_until(lambda: metric(admin, "fastcount_flush_backlog_keys") == 0, "no backlog once written")
     late = [(f"{prefix}late-{i}", 1) for i in range(1000)]
     assert post_items(server.port, late)[0] == 202, "the bound is released"
     accepted.update(dict(late))

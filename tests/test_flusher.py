@@ -143,6 +143,7 @@ def test_rows_postgres_refuses_are_parked_and_the_rest_commits_once(database: Da
     assert database.query("SELECT count(*) FROM fastcount_batches WHERE writer LIKE %s", (writer + "%",)) == [(1,)]
     assert stats.dead_letters == 11
     assert stats.flushes == 1
+    assert stats.flushed_rows == 40, "rows written, the parked one not among them"
 
 
 def test_text_postgres_cannot_hold_is_parked_even_from_a_replayed_journal(database: Database, prefix: str) -> None:
