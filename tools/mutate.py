@@ -47,6 +47,7 @@ PRESETS: dict[str, list[str]] = {
         "tests/test_copy_path.py",
         "tests/test_recovery_identity.py",
         "tests/test_poisoned_counter.py",
+        "tests/test_backpressure.py",
         "tests/test_durability.py",
     ],
     "fastcount/features/increment.py": [
