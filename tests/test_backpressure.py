@@ -6,13 +6,23 @@ PostgreSQL is cut off by a proxy between the server and the shared database."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import urllib.request
 from collections import Counter
 
-from conftest import Database, ProxiedDatabase, StartServer, wait_until
+from conftest import Database, ProxiedDatabase, StartServer, free_port, wait_until
 from httpclient import request
 
 BIG_BODY = str(1 << 20)
+
+
+def metric(admin_port: int, name: str) -> float:
+    """The sum of a metric's series (every worker's); NaN (no comparison holds) before any worker published it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(value) for value in values) if values else float("nan")
 
 
 def post_items(port: int, items: list[tuple[str, int]]) -> tuple[int, dict[str, str]]:
@@ -23,9 +33,11 @@ def post_items(port: int, items: list[tuple[str, int]]) -> tuple[int, dict[str, 
 def test_pending_bound_with_many_keys_answers_503_then_everything_accepted_is_counted(
     proxied_database: ProxiedDatabase, start_server: StartServer, database: Database, prefix: str
 ) -> None:
+    admin = free_port()
     server = start_server(
-        "--max-pending-keys", "5000", "--flush-max-keys", "1000", "--max-body", BIG_BODY, dsn=proxied_database.dsn
-    )
+        "--max-pending-keys", "5000", "--flush-max-keys", "1000", "--max-body", BIG_BODY, "--admin-port", str(admin),
+        dsn=proxied_database.dsn,
+    )  # fmt: skip
     wait_until(lambda: request(server.port, "GET", "/readyz")[0] == 200, "connected")
     proxied_database.proxy.cut()
     accepted: Counter[str] = Counter()
@@ -43,9 +55,13 @@ def test_pending_bound_with_many_keys_answers_503_then_everything_accepted_is_co
     status, headers, _ = request(server.port, "GET", f"/counters/{prefix}0-1")  # a read needs PostgreSQL itself
     assert (status, headers.get("Retry-After")) == (503, "1")
     assert request(server.port, "GET", "/healthz")[0] == 200
+    # What the README says to alert on: a backlog held in memory, no connection to PostgreSQL.
+    wait_until(lambda: metric(admin, "fastcount_flush_backlog_keys") > 0, "the backlog metric shows the batch in retry")
+    wait_until(lambda: metric(admin, "fastcount_postgres_connected") == 0, "the connection metric shows the outage")
     proxied_database.proxy.restore()
     wait_until(lambda: database.counts(prefix) == dict(accepted), "the backlog is written once PostgreSQL is back")
     wait_until(lambda: request(server.port, "GET", "/readyz")[0] == 200, "ready again")
+    wait_until(lambda: metric(admin, "fastcount_flush_backlog_keys") == 0, "no backlog once written")
     late = [(f"{prefix}late-{i}", 1) for i in range(1000)]
     assert post_items(server.port, late)[0] == 202, "the bound is released"
     accepted.update(dict(late))
@@ -87,3 +103,17 @@ def test_full_journal_is_compacted_then_answers_503_and_a_killed_worker_loses_no
     assert database.counts(prefix) == dict(accepted)
     assert server.stop() == 0
     assert database.counts(prefix) == dict(accepted)
+
+
+def test_an_idle_worker_notices_that_postgres_is_gone(
+    proxied_database: ProxiedDatabase, start_server: StartServer
+) -> None:
+    # No traffic, so no flush fails: only the idle lanes' pings can tell (the README says to alert on this metric).
+    admin = free_port()
+    server = start_server("--admin-port", str(admin), dsn=proxied_database.dsn)
+    wait_until(lambda: metric(admin, "fastcount_postgres_connected") == 1, "connected at start")
+    proxied_database.proxy.cut()
+    wait_until(lambda: metric(admin, "fastcount_postgres_connected") == 0, "the idle lanes' pings notice the outage")
+    proxied_database.proxy.restore()
+    wait_until(lambda: metric(admin, "fastcount_postgres_connected") == 1, "and the return")
+    assert server.stop() == 0

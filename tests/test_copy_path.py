@@ -44,7 +44,7 @@ def test_one_batch_of_many_keys_adds_to_existing_counters(database: Database, pr
     stats = asyncio.run(flush_once())
     expected = {key: existing.get(key, 0) + value for key, value in batch.items()}
     assert database.counts(prefix) == expected
-    assert stats.flushes == 1, "one batch, one transaction"
+    assert (stats.flushes, stats.flushed_rows) == (1, keys), "one batch, one transaction"
     ledger = database.query("SELECT keys, total FROM fastcount_batches WHERE writer LIKE %s", (writer + "%",))
     assert ledger == [(keys, sum(batch.values()))]
 

@@ -15,6 +15,7 @@ import pytest
 from fastcount.features.base import FlushBuffer
 from fastcount.features.increment import PendingCounts
 from fastcount.observability.stats import WorkerStats
+from fastcount.store import flusher as flusher_module
 from fastcount.store.flusher import Flusher
 
 from conftest import Database
@@ -143,6 +144,7 @@ def test_rows_postgres_refuses_are_parked_and_the_rest_commits_once(database: Da
     assert database.query("SELECT count(*) FROM fastcount_batches WHERE writer LIKE %s", (writer + "%",)) == [(1,)]
     assert stats.dead_letters == 11
     assert stats.flushes == 1
+    assert stats.flushed_rows == 40, "rows written, the parked one not among them"
 
 
 def test_text_postgres_cannot_hold_is_parked_even_from_a_replayed_journal(database: Database, prefix: str) -> None:
@@ -217,3 +219,36 @@ def test_a_refused_key_in_a_copy_sized_batch_leaves_every_other_total_exact(data
     expected = {key: value + existing.get(key, 0) for key, value in batch.items()}
     expected[near_max] = MAX_BIGINT - 10
     assert database.counts(prefix) == expected
+
+
+def test_a_bug_in_a_write_keeps_the_batch_and_retries_it_until_written_once(
+    database: Database, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flusher_module, "RETRY_MAX_DELAY", 0.1)  # the crash back-off, shortened for the test
+
+    class CrashingOnce(PendingCounts):
+        crashes = 0
+
+        async def write(self, conn: psycopg.AsyncConnection[Any], batch: dict[str, int]) -> int:
+            if not self.crashes:
+                self.crashes += 1
+                raise RuntimeError("a bug, not a database error")
+            return await super().write(conn, batch)
+
+    async def scenario() -> WorkerStats:
+        counts = CrashingOnce(1000, 1000)
+        stats = WorkerStats()
+        flusher = Flusher(database.dsn, [counts], 0.05, f"test/{prefix}", stats)
+        counts.add_all([(prefix + "a", 3), (prefix + "b", 4)], b"{}")
+        flusher.start()
+
+        async def written() -> bool:
+            return database.counts(prefix) == {prefix + "a": 3, prefix + "b": 4}
+
+        await wait_for(written)
+        await flusher.stop()
+        return stats
+
+    stats = run(scenario())
+    assert database.counts(prefix) == {prefix + "a": 3, prefix + "b": 4}
+    assert (stats.flush_errors, stats.flushes) == (1, 1)

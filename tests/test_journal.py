@@ -172,3 +172,28 @@ def test_a_snapshot_that_did_not_fit_is_not_made_again_until_the_next_take() -> 
             assert not journal.compact(too_big)
         assert len(made) == seq
         journal.take(seq)  # a flush took what was pending: a snapshot may fit again
+
+
+def test_a_record_must_leave_room_for_the_zero_length_that_ends_its_region() -> None:
+    # A record that ran to the region's last byte would leave no zero length behind it, and one past it would write
+    # into the next region (found by mutation testing).
+    fd, file = new_journal(("increment", "other"))
+    journal = file.sections["increment"]
+    assert not journal.append(b"x" * (REGION - 4)), "record + its length fill the region: no room for the end mark"
+    assert journal.append(b"x" * (REGION - 8))
+    assert journal.used_bytes() == REGION - 4
+    assert not journal.append(b"")
+    file.sections["other"].append(b"next section")
+    batches = {batch.section: batch.records for batch in recover(fd)}
+    assert batches == {"increment": [b"x" * (REGION - 8)], "other": [b"next section"]}
+
+
+def test_used_bytes_counts_the_active_region_only() -> None:
+    _, file = new_journal()
+    journal = file.sections["increment"]
+    assert journal.used_bytes() == 0
+    journal.append(body("a", 1))
+    journal.append(body("b", 22))
+    assert journal.used_bytes() == 8 + len(body("a", 1)) + len(body("b", 22))
+    journal.take(1)
+    assert journal.used_bytes() == 0, "the batch taken is in flight, not in the active region"
