@@ -267,7 +267,9 @@ def copy_repository(destination: Path) -> None:
 def run_tests(workdir: Path, tests: list[str], timeout: float, extra: list[str]) -> tuple[str, float, str]:
     """('killed' | 'survived' | 'timeout', seconds, last lines of output). The copy's fastcount comes first on the
     path (PYTHONPATH), before the editable install of the real checkout."""
-    env = {**os.environ, "PYTHONPATH": str(workdir), "PYTHONDONTWRITEBYTECODE": "1"}
+    scratch_tmp = workdir / ".tmp"  # the run's temporary files, the session's PostgreSQL among them
+    scratch_tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(workdir), "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(scratch_tmp)}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *extra, *tests]
     started = time.monotonic()
     process = subprocess.Popen(
@@ -284,8 +286,32 @@ def run_tests(workdir: Path, tests: list[str], timeout: float, extra: list[str])
             os.killpg(process.pid, signal.SIGKILL)  # servers a failed test left behind
         except ProcessLookupError:
             pass
+        stop_postgres_left_in(scratch_tmp)
     tail = "\n".join(output.decode(errors="replace").strip().splitlines()[-3:])
     return ("survived" if process.returncode == 0 else "killed"), time.monotonic() - started, tail
+
+
+def stop_postgres_left_in(directory: Path) -> None:
+    """A killed run cannot stop its embedded PostgreSQL (a daemon in a session of its own): stop each cluster whose
+    data directory is under `directory` (this run's own TMPDIR) by its postmaster's pid, then remove the files."""
+    for pid_file in directory.rglob("postmaster.pid"):
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+        except (OSError, ValueError, IndexError):
+            continue
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+    for leftover in directory.iterdir():
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def check_imports_from(workdir: Path) -> None:
