@@ -775,6 +775,8 @@ class Master:
         if not self.killed_all and any(journal.next_attempt_at < self.stop_deadline for journal in self.journals):
             return False  # a failed recovery is retried if its back-off ends before the deadline
         if self.journals:
+            # Counts answered 202 are gone: the exit code says so (systemd and scripts must not see a clean stop).
+            self.exit_code = 1
             log.error("event=journals_lost count=%d reason=stopped_before_they_could_be_committed", len(self.journals))
             for journal in self.journals:
                 os.close(journal.fd)
