@@ -30,6 +30,16 @@ def post_items(port: int, items: list[tuple[str, int]]) -> tuple[int, dict[str, 
     return status, headers
 
 
+def post_counting(port: int, items: list[tuple[str, int]], accepted: Counter[str]) -> int:
+    """POST the items; add them to `accepted` on a 202; any refusal must carry Retry-After. Returns the status."""
+    status, headers = post_items(port, items)
+    if status == 202:
+        accepted.update(dict(items))
+    else:
+        assert headers.get("Retry-After") == "1"
+    return status
+
+
 def test_pending_bound_with_many_keys_answers_503_then_everything_accepted_is_counted(
     proxied_database: ProxiedDatabase, start_server: StartServer, database: Database, prefix: str
 ) -> None:
@@ -44,12 +54,7 @@ def test_pending_bound_with_many_keys_answers_503_then_everything_accepted_is_co
     answers = []
     for round_ in range(8):  # 8 arrays of 1,000 new keys each: 5 fit under the bound of 5,000 (pending + in retry)
         items = [(f"{prefix}{round_}-{i}", i % 9 + 1) for i in range(1000)]
-        status, headers = post_items(server.port, items)
-        answers.append(status)
-        if status == 202:
-            accepted.update(dict(items))
-        else:
-            assert headers.get("Retry-After") == "1"
+        answers.append(post_counting(server.port, items, accepted))
     assert answers == [202] * 5 + [503] * 3
     assert request(server.port, "GET", "/readyz")[0] == 503
     status, headers, _ = request(server.port, "GET", f"/counters/{prefix}0-1")  # a read needs PostgreSQL itself
@@ -89,12 +94,7 @@ def test_full_journal_is_compacted_then_answers_503_and_a_killed_worker_loses_no
     answers = []
     for round_ in range(12):
         items = [(f"{prefix}long-{round_}-{i}-".ljust(200, "x"), 2) for i in range(1000)]
-        status, headers = post_items(server.port, items)
-        answers.append(status)
-        if status == 202:
-            accepted.update(dict(items))
-        else:
-            assert headers.get("Retry-After") == "1"
+        answers.append(post_counting(server.port, items, accepted))
     assert 503 in answers and answers.index(503) >= 3, answers
     # What the journal holds now (a batch in flight and a compacted region) is all that is left of the counts.
     os.kill(worker, signal.SIGKILL)
