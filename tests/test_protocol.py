@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
 import pytest
 
@@ -143,6 +144,36 @@ def test_header_section_at_the_limit_passes_and_one_byte_more_gets_431() -> None
         feed(protocol, *[too_big[i : i + cut] for i in range(0, len(too_big), cut)])
         assert responses(transport.written)[0][0] == 431, f"cut={cut}"
         assert transport.closed
+
+
+def test_a_head_of_headers_without_spaces_is_measured_past_its_bytes_in_one_small_read() -> None:
+    """`name:value` lines measure one byte more than they take (rule 3 counts `name: value`), so a head can be too
+    large while the read holding it is smaller than the limit: the lean parser must not take such a read (rule 6)."""
+    lines = b"".join(b"X-%03d:v\r\n" % i for i in range(110))  # 9 bytes each, measured as 10
+    request = b"GET /echo HTTP/1.1\r\n" + lines + b"\r\n"
+    assert len(request) < MAX_HEADER < len(request) + 110
+    protocol, transport = connect()
+    feed(protocol, request)
+    assert responses(transport.written)[0][0] == 431
+    fits = b"GET /echo HTTP/1.1\r\n" + b"".join(b"X-%03d:v\r\n" % i for i in range(100)) + b"\r\n"
+    protocol, transport = connect()
+    feed(protocol, fits)
+    assert responses(transport.written)[0][0] == 200
+
+
+@pytest.mark.parametrize("tail", [1, 20, 55])
+def test_whole_requests_then_a_cut_one_in_one_small_read_are_each_answered_once(tail: int) -> None:
+    """Rule 6: the lean parser answers the two whole requests; the full parser parses the read again for the cut
+    third and must not answer the first two a second time."""
+    requests = [post(b'{"n": %d}' % n) for n in range(3)]
+    stream = b"".join(requests)
+    cut = len(requests[0]) + len(requests[1]) + tail
+    protocol, transport = connect()
+    feed(protocol, stream[:cut])
+    assert [json.loads(body)["body"] for _, body in responses(transport.written)] == ['{"n": 0}', '{"n": 1}']
+    feed(protocol, stream[cut:])
+    answered = [json.loads(body)["body"] for _, body in responses(transport.written)]
+    assert answered == ['{"n": 0}', '{"n": 1}', '{"n": 2}']
 
 
 def test_small_request_behind_pipelined_ones_is_not_mistaken_for_a_large_header() -> None:
