@@ -1,4 +1,7 @@
-"""Benchmark runner: fastcount against uvicorn and nginx baselines, measured the same way in the same run.
+"""Benchmark runner: fastcount against uvicorn, bare and nginx baselines, measured the same way in the same run.
+
+"bare" (bench/bare_baseline.py) is the floor of a Python server of this shape: uvloop, httptools and orjson doing
+POST /increment and nothing else (increment scripts, 1 worker); fastcount / bare is what fastcount's own work costs.
 
 For each round it starts each contender pinned to core 0, drives it with wrk pinned to core 1 (keep-alive, no
 pipelining), and reads the server's CPU time (all its processes, from /proc) before and after. CPU per request is the
@@ -350,6 +353,16 @@ class Uvicorn(Contender):
         return subprocess.Popen(["taskset", "-c", self.cpus, *command], cwd=BENCH, stderr=subprocess.DEVNULL)
 
 
+class Bare(Contender):
+    """bench/bare_baseline.py: uvloop + httptools + orjson and nothing else, the floor for a Python server."""
+
+    name = "bare"
+
+    def start(self, port: int) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "bare_baseline.py", str(port)]
+        return subprocess.Popen(["taskset", "-c", self.cpus, *command], cwd=BENCH, stderr=subprocess.DEVNULL)
+
+
 class Nginx(Contender):
     name = "nginx"
 
@@ -436,10 +449,15 @@ def summarise(results: list[Measurement], args: argparse.Namespace) -> None:
         ours = [r for r in results if r.contender == contender]
         if ours:
             _judge(contender, ours, results, args)
+    bare = {r.round: r for r in results if r.contender == "bare"}
+    nginx = [(bare[r.round], r) for r in results if r.contender == "nginx" and r.round in bare]
+    if nginx:  # the floor: what any Python server of this shape costs above nginx
+        floor = statistics.median(a.cpu_us_per_request / b.cpu_us_per_request for a, b in nginx)
+        print(f"  bare / nginx: CPU {floor:.2f}  [the Python floor; median of per-round ratios]")
 
 
 def _judge(contender: str, ours: list[Measurement], results: list[Measurement], args: argparse.Namespace) -> None:
-    for baseline in ("nginx", "uvicorn"):
+    for baseline in ("nginx", "uvicorn", "bare"):
         theirs = {r.round: r for r in results if r.contender == baseline}
         pairs = [(r, theirs[r.round]) for r in ours if r.round in theirs]
         if not pairs:
@@ -478,7 +496,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--script", default="increment_hot.lua")
-    parser.add_argument("--only", default="", help="comma-separated contenders to run (fastcount,uvicorn,nginx)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated contenders to run (fastcount,before,uvicorn,bare,nginx)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="1: server on core 0, wrk on core 1; 2: all on both")
     parser.add_argument("--flush-interval", type=float, default=1.0, help="fastcount's --flush-interval")
     parser.add_argument(
@@ -497,6 +517,8 @@ def main() -> int:
             Fastcount(database.dsn, args.script, args.workers, args.flush_interval),
             Uvicorn(args.workers),
         ]
+        if args.workers == 1 and Path(args.script).name.startswith("increment"):
+            contenders.append(Bare())  # it answers POST /increment only
         if args.compare_with:
             before = Fastcount(
                 database.dsn, args.script, args.workers, args.flush_interval, args.compare_with, "before"
