@@ -51,3 +51,32 @@ def test_a_background_job_that_fails_is_counted_and_started_again(monkeypatch: p
     asyncio.run(asyncio.wait_for(worker._supervise(flaky_report_job, stats), 10))
     assert len(runs) == 3, "started again after each failure, until it finished"
     assert stats.background_job_failures == 2
+
+
+def test_the_loop_lag_probe_wakes_an_idle_worker_twenty_times_a_second_not_a_thousand() -> None:
+    """An idle worker's probe must not burn CPU (the 1 ms timer kept one at ~3.5% of a core); with traffic it
+    samples every millisecond again. Timers fire late, never early, so the idle bound cannot fail by chance."""
+    import uvloop
+
+    stats = WorkerStats()
+    probe = stats.loop_lag
+
+    async def fires_in(seconds: float) -> int:
+        before = sum(stats.loop_lag_seconds.counts)
+        await asyncio.sleep(seconds)
+        return sum(stats.loop_lag_seconds.counts) - before
+
+    async def main() -> tuple[int, int]:
+        probe.start(asyncio.get_running_loop())
+        probe.pace(busy=False)
+        await asyncio.sleep(0.06)  # the 1 ms timer queued before pace() has fired by now
+        idle = await fires_in(0.5)
+        probe.pace(busy=True)
+        await asyncio.sleep(0.06)
+        busy = await fires_in(0.5)
+        probe.stop()
+        return idle, busy
+
+    idle, busy = uvloop.run(main())
+    assert idle <= 0.5 / 0.05 + 1, idle
+    assert busy > 2 * idle, (idle, busy)

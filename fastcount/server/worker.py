@@ -129,6 +129,7 @@ class Worker:
         self.described: set[str] = set()  # metric names whose help text the master has been sent
         self.publish_raises = bool(os.environ.get(FAILPOINT_PUBLISH_ENV))
         self.acceptor: Acceptor | None = None
+        self.answered_at_tick = 0  # requests answered as of the last tick: did any come since?
 
     def run(self, serve: bool = True) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -283,7 +284,10 @@ class Worker:
             last_second = second
             try:
                 for connection in list(state.connections):
-                    connection.on_tick()
+                    connection.on_tick()  # also moves each connection's request count into the stats
+                answered = state.stats.requests
+                state.stats.loop_lag.pace(busy=answered != self.answered_at_tick)
+                self.answered_at_tick = answered
                 self._publish(state, app)
             except Exception:
                 now = time.monotonic()
