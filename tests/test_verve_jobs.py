@@ -175,3 +175,33 @@ def test_a_host_name_resolving_outside_the_allow_list_is_refused_by_the_resolver
 
     result = asyncio.run(run())
     assert result.outcome == "refused" and "not in --verve-callback-allow" in str(result.error), result
+
+
+def test_a_flushed_batch_of_several_parts_and_windows_stores_each_id_once(db: Database) -> None:
+    """The write path sends ids as JSON parts of ID_PART_SIZE through COPY: a batch larger than a part, in two
+    windows, with ids repeated within and across batches, must store each (window, id) once; two halves written
+    under savepoints in one transaction (a refused batch's bisection) each merge only their own parts."""
+    from fastcount.features.verve.accept import PendingIds
+    from fastcount.features.verve.schema import ID_PART_SIZE
+
+    ids = PendingIds(window_seconds=60, max_pending=10**6, max_endpoints=10, flush_max_keys=10**6)
+    many = list(range(-5, ID_PART_SIZE * 2 + 7))  # three parts; negative ids too
+    batch = ({60: [*many, 3, 3, -5], 120: [2**63 - 1, -(2**63), 7]}, {})
+
+    async def write() -> None:
+        conn = await _connect(db)
+        async with conn.transaction():
+            await ids.write(conn, batch)
+        first, second = ids.split(({180: [1, 2, 3, 4]}, {}))
+        async with conn.transaction():
+            async with conn.transaction():
+                await ids.write(conn, first)
+            async with conn.transaction():
+                await ids.write(conn, second)
+        async with conn.transaction():
+            await ids.write(conn, batch)  # a retried batch: nothing new
+        await conn.close()
+
+    asyncio.run(write())
+    rows = db.query("SELECT window_start, count(*), min(id), max(id) FROM verve_ids GROUP BY 1 ORDER BY 1")
+    assert rows == [(60, len(many), -5, ID_PART_SIZE * 2 + 6), (120, 3, -(2**63), 2**63 - 1), (180, 4, 1, 4)]

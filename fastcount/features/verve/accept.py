@@ -8,6 +8,7 @@ worker received it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import struct
@@ -19,7 +20,13 @@ import orjson
 import psycopg
 
 from fastcount.features.base import FlushBuffer
-from fastcount.features.verve.schema import INSERT_ENDPOINTS, INSERT_IDS
+from fastcount.features.verve.schema import (
+    COPY_ID_PARTS,
+    CREATE_ID_PARTS,
+    ID_PART_SIZE,
+    INSERT_ENDPOINTS,
+    INSERT_IDS_FROM_PARTS,
+)
 from fastcount.server.responses import Response
 
 MIN_ID = -(2**63)
@@ -223,9 +230,16 @@ class PendingIds(FlushBuffer):
 
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: Batch) -> int:
         rows = 0
-        for window, ids in sorted(batch[0].items()):
-            await conn.execute(INSERT_IDS, (window, sorted(set(ids))))
-            rows += len(ids)
+        if batch[0]:
+            await conn.execute(CREATE_ID_PARTS)
+            async with conn.cursor().copy(COPY_ID_PARTS) as copy:
+                for window, ids in batch[0].items():
+                    prefix = b"%d\x02" % window
+                    for start in range(0, len(ids), ID_PART_SIZE):
+                        await copy.write(prefix + orjson.dumps(ids[start : start + ID_PART_SIZE]) + b"\n")
+                        await asyncio.sleep(0)  # the loop is given back between parts
+                    rows += len(ids)
+            await conn.execute(INSERT_IDS_FROM_PARTS)
         for window, endpoints in sorted(batch[1].items()):
             await conn.execute(INSERT_ENDPOINTS, (window, sorted(set(endpoints))))
             rows += len(endpoints)
