@@ -75,6 +75,9 @@ class FlushBuffer(ABC):
             return True
         if journal.compact(self.snapshot) and journal.append(record):
             return True
+        # Compacted and still no room: what is pending only grows until the next take, so compacting again would
+        # serialise it all again for nothing (and `refuses` may answer 503 before parsing).
+        journal.compact_failed = True
         self.request_flush()
         return False
 

@@ -130,6 +130,11 @@ class Journal:
         """How much of the active region is taken (it is compacted, or requests get 503, when full)."""
         return self.pos - self._start(self.active)
 
+    def refuses(self, size: int) -> bool:
+        """True when a record of `size` bytes will be refused until the next take: it does not fit the active region
+        and compacting it has already failed."""
+        return self.compact_failed and self.pos + 4 + size > self.end
+
     def append(self, record: bytes) -> bool:
         """Add one record; False when the active region cannot hold it (compact, or refuse the request)."""
         pos = self.pos

@@ -166,6 +166,19 @@ class PendingEvents(FlushBuffer):
             self.request_flush()
         return None
 
+    def refuses(self, body_size: int) -> bool:
+        """True when a request of `body_size` bytes would get 503 whatever it holds: the pending bound is reached,
+        the body alone would pass the bytes bound, or the journal cannot take it until the next flush. Checked before
+        parsing, so that clients retrying into a full worker do not take the time its flush needs. (A bulk body with
+        invalid items is journaled and counted smaller than its body, as its accepted items only, so it may be
+        refused here though it would have fitted.)"""
+        journal = self.journal
+        return (
+            self.backlog_full()
+            or self._over_bytes(body_size * BYTES_PER_JSON_BYTE + BYTES_PER_EVENT)
+            or (journal is not None and journal.refuses(body_size))
+        )
+
     def backlog_full(self) -> bool:
         return (
             len(self.pending) + self.unacknowledged >= self.max_pending
@@ -304,6 +317,9 @@ class EventsFeature(Feature):
 
     def handle_events(self, path: bytes, query: bytes, body: bytes) -> Response:
         buffer = self.buffer
+        if buffer.refuses(len(body)):  # before parsing: refused work must not eat the time the flush needs
+            buffer.request_flush()
+            return OVERLOADED
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
