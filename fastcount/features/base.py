@@ -71,13 +71,8 @@ class FlushBuffer(ABC):
         """Journal one accepted request before it is answered. On a full region, compact it into one snapshot
         record; False (answer 503) when even that does not fit."""
         journal = self.journal
-        if journal is None or journal.append(record):
+        if journal is None or journal.append_or_compact(record, self.snapshot):
             return True
-        if journal.compact(self.snapshot) and journal.append(record):
-            return True
-        # Compacted and still no room: what is pending only grows until the next take, so compacting again would
-        # serialise it all again for nothing (and `refuses` may answer 503 before parsing).
-        journal.compact_failed = True
         self.request_flush()
         return False
 

@@ -147,6 +147,17 @@ class Journal:
         self.pos = end
         return True
 
+    def append_or_compact(self, record: bytes, snapshot: Callable[[], bytes]) -> bool:
+        """Append; on a full region compact it and append again. False when there is no room even so, and then no
+        compaction is tried again until the next take: what is pending only grows until then, so it would serialise
+        it all again for nothing (and `refuses` answers for records of this size)."""
+        if self.append(record):
+            return True
+        if self.compact(snapshot) and self.append(record):
+            return True
+        self.compact_failed = True
+        return False
+
     def compact(self, snapshot: Callable[[], bytes]) -> bool:
         """Replace the active region by one record that sums it up (everything pending), written to the spare region
         first so that a crash at any point leaves one complete version. False if even that does not fit (and then,
