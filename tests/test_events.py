@@ -66,17 +66,15 @@ def expected(
         "to": end,
         "total_events": len(rows),
         "unique_users": len({row["user_id"] for row in rows}),
-        "groups": [
-            {"key": key, "total_events": len(group), "unique_users": len({row["user_id"] for row in group})}
-            for key, group in sorted(groups.items())  # type: ignore[type-var]
-        ]
-        if group_by
-        else [],
     }
     if channel is not None:
         answer["channel"] = channel
-    if group_by:
+    if group_by:  # `groups` is there only when grouping was asked for
         answer["group_by"] = group_by
+        answer["groups"] = [
+            {"key": key, "total_events": len(group), "unique_users": len({row["user_id"] for row in group})}
+            for key, group in sorted(groups.items())  # type: ignore[type-var]
+        ]
     return answer
 
 
@@ -240,6 +238,10 @@ def test_metrics_exact_for_each_grouping_filter_and_unaligned_range(
                     params["channel"] = channel
                 answer = metrics(server.port, **params)
                 assert answer == expected(events, names[0], start, end, channel, group_by), params
+    # Without group_by there is no `groups` at all (not an empty list); with it, `groups` is there even when empty.
+    assert "groups" not in metrics(server.port, event_name=names[0], **whole)
+    nothing = metrics(server.port, event_name=prefix + "never-sent", group_by="hour", **whole)
+    assert (nothing["total_events"], nothing["unique_users"], nothing["groups"]) == (0, 0, [])
     # The top-level unique users are the union, not a sum of the groups'.
     answer = metrics(server.port, event_name=names[0], group_by="channel", **whole)
     assert answer["unique_users"] < sum(group["unique_users"] for group in answer["groups"])  # type: ignore[attr-defined]

@@ -4,12 +4,14 @@ records keeps must be the same events, keyed like the database ((day, identity),
 from __future__ import annotations
 
 import asyncio
+import os
 
 import orjson
 import pytest
 
 from fastcount.features.events import PendingEvents
 from fastcount.features.events.validation import Clock, check_event
+from fastcount.store.journal import JournalFile
 
 NOW = 1_800_000_000
 DAY = 86_400
@@ -70,7 +72,7 @@ def test_pending_bytes_bound_gives_503_until_the_batch_is_acknowledged() -> None
         statuses.append(buffer.add_one(identity, accepted, orjson.dumps({**body, "user_id": f"u{i}"})).status)
     assert statuses == [202] * 10 + [503] * 2
     assert flushes[0] == 5  # half the bytes bound asks for an early flush
-    assert buffer.backlog_full()
+    assert buffer.backlog_full() and buffer.refuses(1, 1)
     many = [check_event({**body, "user_id": f"m{i}"}, CLOCK) for i in range(2)]
     assert buffer.add_many(many, orjson.dumps([item for _, item in many])) is not None
     batch = buffer.take()
@@ -78,8 +80,14 @@ def test_pending_bytes_bound_gives_503_until_the_batch_is_acknowledged() -> None
     assert buffer.backlog_full(), "the batch in retry still counts"
     buffer.acknowledge()
     assert not buffer.backlog_full() and buffer.pending_bytes == buffer.unacknowledged_bytes == 0
+    assert not buffer.refuses(record_size * 20, 5), "nothing is held: even a body past the bound is taken"
     assert buffer.add_many(many, orjson.dumps([item for _, item in many])) is None
     assert 0 < buffer.pending_bytes <= 2 * cost + 100
+    # Before validating: a body that alone would pass the bound (3 x its size + 512 per item) is refused.
+    room = cost * 10 - buffer.pending_bytes - 2 * 512
+    assert buffer.refuses(room // 3 + 1, 2) and not buffer.refuses(room // 3, 2)
+    counted = PendingEvents(max_pending=5, flush_max=5)
+    assert counted.refuses(1, 6) and not counted.refuses(1, 5), "an array of more events than the count bound holds"
 
 
 def test_one_request_larger_than_the_bytes_bound_is_taken_when_nothing_is_held() -> None:
@@ -117,3 +125,32 @@ def test_duplicates_of_an_adopted_batch_are_counted_once_after_its_commit(monkey
     asyncio.run(flush())
     assert buffer.duplicates == 4 - 2
     assert buffer.take() is None and buffer.duplicates == 2
+
+
+def test_a_full_worker_refuses_before_parsing_when_nothing_of_that_size_can_be_accepted() -> None:
+    fd = os.memfd_create("events-journal")
+    try:
+        journal = JournalFile(fd, 4096, ("events",), lambda name: f"w/{name}").sections["events"]
+        buffer = PendingEvents(max_pending=1000, flush_max=1000)
+        buffer.journal = journal
+        body = event(event_id=None, metadata={"pad": "x" * 600})
+        statuses = []
+        for i in range(40):  # 4 KiB regions: a handful of ~700-byte events, then the snapshot does not fit either
+            record = orjson.dumps({**body, "user_id": f"u{i}"})
+            identity, accepted = check_event({**body, "user_id": f"u{i}"}, CLOCK)
+            statuses.append(buffer.add_one(identity, accepted, record).status)
+        assert statuses[0] == 202 and statuses[-1] == 503, statuses
+        size = len(record)  # the last one, refused
+        # The journal's compaction failed: a body of that size is refused before it is parsed; a tiny one would fit.
+        assert buffer.refuses(size, 1) and not buffer.backlog_full()
+        assert not buffer.refuses(1, 1)
+        buffer.take()
+        journal.take(1)
+        assert not buffer.refuses(size, 1), "a take makes room again"
+        # The pending bound: whatever the size.
+        full = PendingEvents(max_pending=1, flush_max=1)
+        identity, accepted = check_event(event(), CLOCK)
+        assert full.add_one(identity, accepted, orjson.dumps(event())).status == 202
+        assert full.refuses(1, 1) and full.backlog_full()
+    finally:
+        os.close(fd)

@@ -71,9 +71,7 @@ class FlushBuffer(ABC):
         """Journal one accepted request before it is answered. On a full region, compact it into one snapshot
         record; False (answer 503) when even that does not fit."""
         journal = self.journal
-        if journal is None or journal.append(record):
-            return True
-        if journal.compact(self.snapshot) and journal.append(record):
+        if journal is None or journal.append_or_compact(record, self.snapshot):
             return True
         self.request_flush()
         return False

@@ -275,11 +275,13 @@ class EmbeddedPostgres:
 
 
 @contextmanager
-def temporary_postgres(prefix: str = "fastcount-") -> Iterator[EmbeddedPostgres]:
-    """A throw-away cluster for tests and benchmarks: started in a new temporary directory, removed after."""
+def temporary_postgres(prefix: str = "fastcount-", port: int = 0) -> Iterator[EmbeddedPostgres]:
+    """A throw-away cluster for tests and benchmarks: started in a new temporary directory (on `port`, else a free
+    one), removed after."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     workdir.chmod(0o755)  # as root, PostgreSQL runs as another user, who must reach its data directory
     database = EmbeddedPostgres(workdir / "db")
+    database.port = port
     try:
         database.start()
         yield database

@@ -130,6 +130,11 @@ class Journal:
         """How much of the active region is taken (it is compacted, or requests get 503, when full)."""
         return self.pos - self._start(self.active)
 
+    def refuses(self, size: int) -> bool:
+        """True when a record of `size` bytes will be refused until the next take: it does not fit the active region
+        and compacting it has already failed."""
+        return self.compact_failed and self.pos + 4 + size > self.end
+
     def append(self, record: bytes) -> bool:
         """Add one record; False when the active region cannot hold it (compact, or refuse the request)."""
         pos = self.pos
@@ -141,6 +146,17 @@ class Journal:
         LENGTH.pack_into(self.mm, pos, len(record))  # after the body: a torn append leaves a zero length
         self.pos = end
         return True
+
+    def append_or_compact(self, record: bytes, snapshot: Callable[[], bytes]) -> bool:
+        """Append; on a full region compact it and append again. False when there is no room even so, and then no
+        compaction is tried again until the next take: what is pending only grows until then, so it would serialise
+        it all again for nothing (and `refuses` answers for records of this size)."""
+        if self.append(record):
+            return True
+        if self.compact(snapshot) and self.append(record):
+            return True
+        self.compact_failed = True
+        return False
 
     def compact(self, snapshot: Callable[[], bytes]) -> bool:
         """Replace the active region by one record that sums it up (everything pending), written to the spare region

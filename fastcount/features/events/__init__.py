@@ -166,6 +166,19 @@ class PendingEvents(FlushBuffer):
             self.request_flush()
         return None
 
+    def refuses(self, body_size: int, items: int) -> bool:
+        """True when a request of `body_size` bytes holding `items` events would get 503 if they were all valid: the
+        pending bound, the bytes bound, or a journal that cannot take the body until the next flush. Checked between
+        decoding and validating, which is most of a request's cost, so that clients retrying into a full worker do
+        not take the time its flush needs. (An array with invalid items is journaled and counted as its accepted
+        items only, so it may be refused here though it would have fitted.)"""
+        journal = self.journal
+        return (
+            len(self.pending) + self.unacknowledged + items > self.max_pending
+            or self._over_bytes(body_size * BYTES_PER_JSON_BYTE + items * BYTES_PER_EVENT)
+            or (journal is not None and journal.refuses(body_size))
+        )
+
     def backlog_full(self) -> bool:
         return (
             len(self.pending) + self.unacknowledged >= self.max_pending
@@ -309,6 +322,9 @@ class EventsFeature(Feature):
         except orjson.JSONDecodeError:
             buffer.rejected += 1
             return BAD_JSON
+        if buffer.refuses(len(body), len(document) if type(document) is list else 1):
+            buffer.request_flush()  # refused before validating: that work must not eat the time the flush needs
+            return OVERLOADED
         if type(document) is dict:  # the common case, inline: this is the hot path
             try:
                 identity, event = check_event(document, self._clock())

@@ -192,8 +192,8 @@ async def run_query(conn: psycopg.AsyncConnection[Any], query: MetricsQuery) -> 
         answer["channel"] = query.channel
     if group_by is not None:
         answer["group_by"] = group_by
-    answer["groups"] = [
-        {"key": key, "total_events": groups[key].total, "unique_users": groups[key].unique()}
-        for key in sorted(groups)  # type: ignore[type-var]
-    ]
+        answer["groups"] = [
+            {"key": key, "total_events": groups[key].total, "unique_users": groups[key].unique()}
+            for key in sorted(groups)  # type: ignore[type-var]
+        ]
     return answer

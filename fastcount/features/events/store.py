@@ -4,8 +4,13 @@ One batch, inside the flusher's transaction (with the ledger row): make sure the
 COPY the events into a session staging table, insert them into `events` ON CONFLICT DO NOTHING RETURNING the
 identities actually inserted (duplicates of rows already stored, from any worker or instance, return nothing), and
 derive the rollups from those rows alone: counts are added and each bucket's bitmap of user numbers is widened.
-Locks are always taken in one order (events by (day, id), users by user_id, rollups by key), so flushers of any
-number of workers and instances never deadlock.
+Locks are always taken in one order (events by (day, id), users by user_id, then the rollups' advisory lock), so
+flushers of any number of workers and instances never deadlock.
+
+Rollups are written by one transaction at a time (ROLLUP_LOCK, held to COMMIT): a flush reads the bitmaps of its
+buckets, widens them here and writes each bucket once (count and bitmap together), which halves the rows written
+against locking each bucket with an upsert and rewriting its bitmap after. Concurrent flushes of the same buckets
+waited for each other's row locks anyway; readers never wait (MVCC).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ DAY = 86_400
 HOUR = 3_600
 YIELD_EVERY = 1000  # rows of Python work in a flush between two chances for the worker to answer requests
 PARTITION_LOCK = 0x65766E74  # "evnt": serialises creating and dropping partitions
+ROLLUP_LOCK = 0x65767275  # "evru": serialises writing event_rollups (always taken after PARTITION_LOCK, if both)
 
 SCHEMA = [
     # Raw events, one partition per UTC day of `ts`, so retention is a DROP. The primary key is the deduplication:
@@ -123,20 +129,37 @@ INSERT_USERS = """
     ON CONFLICT DO NOTHING
 """
 READ_USER_NUMBERS = "SELECT user_id, user_number FROM event_users WHERE user_id = ANY(%s::text[])"
-# Adds the counts and locks each bucket's row (new or not) until COMMIT, returning the bitmap it holds now.
-UPSERT_ROLLUP_COUNTS = """
-    INSERT INTO event_rollups AS r (event_name, hour, channel, total, users)
-    SELECT n, to_timestamp(h), c, t, ''::bytea
-    FROM unnest(%s::text[], %s::int8[], %s::text[], %s::int8[]) AS b(n, h, c, t)
-    ORDER BY n COLLATE "C", h, c COLLATE "C"
-    ON CONFLICT (event_name, hour, channel) DO UPDATE SET total = r.total + EXCLUDED.total
-    RETURNING event_name, extract(epoch FROM hour)::int8, channel, users
+# The batch's buckets: what each adds (events; the whole bitmap when it is new or widened, else NULL), and whether
+# the bucket is already stored. COPY fills it (C-speed, where arrays as parameters were dumped in Python).
+CREATE_ROLLUP_STAGING = """
+    CREATE TEMP TABLE IF NOT EXISTS fastcount_rollups_staging (
+        event_name text, hour int8, channel text, total int8, users bytea, stored boolean
+    ) ON COMMIT DELETE ROWS
 """
-UPDATE_ROLLUP_USERS = """
-    UPDATE event_rollups AS r SET users = b.u
-    FROM unnest(%s::text[], %s::int8[], %s::text[], %s::bytea[]) AS b(n, h, c, u)
-    WHERE r.event_name = b.n AND r.hour = to_timestamp(b.h) AND r.channel = b.c
+COPY_ROLLUP_KEYS = "COPY fastcount_rollups_staging (event_name, hour, channel) FROM STDIN"
+COPY_ROLLUP_STAGING = "COPY fastcount_rollups_staging (event_name, hour, channel, total, users, stored) FROM STDIN"
+ROLLUP_KEY_TYPES = ["text", "int8", "text"]
+ROLLUP_STAGING_TYPES = ["text", "int8", "text", "int8", "bytea", "bool"]
+LOCK_ROLLUPS = f"SELECT pg_advisory_xact_lock({ROLLUP_LOCK})"
+# Under ROLLUP_LOCK nothing else writes rollups, so what this reads stays true until COMMIT.
+READ_STORED_BITMAPS = """
+    WITH keys AS (DELETE FROM fastcount_rollups_staging RETURNING event_name, hour, channel)
+    SELECT r.event_name, extract(epoch FROM r.hour)::int8, r.channel, r.users
+    FROM keys k JOIN event_rollups r
+      ON r.event_name = k.event_name AND r.hour = to_timestamp(k.hour) AND r.channel = k.channel
 """
+# A bitmap left NULL is unchanged: the row keeps its stored value (and its TOAST, which is not rewritten).
+UPDATE_ROLLUPS = """
+    UPDATE event_rollups AS r SET total = r.total + s.total, users = coalesce(s.users, r.users)
+    FROM fastcount_rollups_staging s
+    WHERE s.stored AND r.event_name = s.event_name AND r.hour = to_timestamp(s.hour) AND r.channel = s.channel
+"""
+INSERT_ROLLUPS = """
+    INSERT INTO event_rollups (event_name, hour, channel, total, users)
+    SELECT event_name, to_timestamp(hour), channel, total, users FROM fastcount_rollups_staging
+    WHERE NOT stored ORDER BY event_name COLLATE "C", hour, channel COLLATE "C"
+"""
+CLEAR_ROLLUP_STAGING = "DELETE FROM fastcount_rollups_staging"
 
 
 @dataclass
@@ -186,35 +209,54 @@ async def write_batch(
     if not inserted:
         return written
 
-    buckets: dict[tuple[str, int, str], tuple[list[int], set[str]]] = {}
+    numbers = await user_numbers(conn, {event["user_id"] for event in inserted}, known_users, written.user_numbers)
+    buckets: dict[tuple[str, int, str], list[int]] = {}  # bucket -> the user number of each of its new events
     for count, event in enumerate(inserted, 1):
         if not count % YIELD_EVERY:
             await asyncio.sleep(0)
         key = (event["event_name"], event["timestamp"] // HOUR * HOUR, event["channel"])
         bucket = buckets.get(key)
         if bucket is None:
-            bucket = buckets[key] = ([0], set())
-        bucket[0][0] += 1
-        bucket[1].add(event["user_id"])
-
-    numbers = await user_numbers(conn, {event["user_id"] for event in inserted}, known_users, written.user_numbers)
-    keys = sorted(buckets)
-    names, hours, channels = [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
-    totals = [buckets[k][0][0] for k in keys]
-    await cursor.execute(UPSERT_ROLLUP_COUNTS, (names, hours, channels, totals), binary=True)
-    widened: list[tuple[str, int, str, bytes]] = []
-    for count, (name, hour, channel, stored) in enumerate(await cursor.fetchall(), 1):
-        if not count % (YIELD_EVERY // 10):
-            await asyncio.sleep(0)
-        bitmap = BitMap.deserialize(bytes(stored)) if stored else BitMap()
-        added = BitMap(numbers[user] for user in buckets[(name, hour, channel)][1])
-        if not added.issubset(bitmap):
-            bitmap |= added
-            widened.append((name, hour, channel, bitmap.serialize()))
-    if widened:
-        widened.sort()
-        await cursor.execute(UPDATE_ROLLUP_USERS, [list(column) for column in zip(*widened, strict=True)])
+            buckets[key] = [numbers[event["user_id"]]]
+        else:
+            bucket.append(numbers[event["user_id"]])
+    await write_rollups(conn, buckets)
     return written
+
+
+async def write_rollups(conn: psycopg.AsyncConnection[Any], buckets: dict[tuple[str, int, str], list[int]]) -> None:
+    """Add each bucket's events and users to event_rollups: one write per bucket, under ROLLUP_LOCK."""
+    await conn.execute(CREATE_ROLLUP_STAGING)
+    await conn.execute(LOCK_ROLLUPS)
+    cursor = conn.cursor(binary=True)
+    async with cursor.copy(COPY_ROLLUP_KEYS) as copy:
+        copy.set_types(ROLLUP_KEY_TYPES)
+        for count, key in enumerate(buckets, 1):
+            await copy.write_row(key)
+            if not count % YIELD_EVERY:
+                await asyncio.sleep(0)
+    await cursor.execute(READ_STORED_BITMAPS)
+    stored: dict[tuple[str, int, str], bytes] = {
+        (name, hour, channel): users for name, hour, channel, users in await cursor.fetchall()
+    }
+    async with cursor.copy(COPY_ROLLUP_STAGING) as copy:
+        copy.set_types(ROLLUP_STAGING_TYPES)
+        for count, (key, users) in enumerate(buckets.items(), 1):
+            if not count % (YIELD_EVERY // 10):
+                await asyncio.sleep(0)
+            added = BitMap(users)
+            before = stored.get(key)
+            if before is None:
+                await copy.write_row((*key, len(users), added.serialize(), False))
+                continue
+            bitmap = BitMap.deserialize(bytes(before)) if before else BitMap()
+            widened = not added.issubset(bitmap)
+            if widened:
+                bitmap |= added
+            await copy.write_row((*key, len(users), bitmap.serialize() if widened else None, True))
+    await cursor.execute(UPDATE_ROLLUPS)
+    await cursor.execute(INSERT_ROLLUPS)
+    await cursor.execute(CLEAR_ROLLUP_STAGING)  # a later write in this transaction (an isolated part) starts empty
 
 
 async def user_numbers(
@@ -272,5 +314,6 @@ async def maintain(conn: psycopg.AsyncConnection[Any], today: int, retention_day
             if day is not None and day < oldest_kept:
                 await conn.execute(psycopg.sql.SQL("DROP TABLE {}").format(psycopg.sql.Identifier(name)))
                 dropped.append(name)
+        await conn.execute(LOCK_ROLLUPS)  # after PARTITION_LOCK, as in a flush that creates a partition
         await conn.execute(DELETE_OLD_ROLLUPS, (oldest_kept * DAY,))
     return dropped
