@@ -78,6 +78,9 @@ def test_a_buffer_dedups_per_window_bounds_pending_and_replays_its_journal_recor
             records.append(record)
             return True
 
+        def append_or_compact(self, record: bytes, snapshot: object) -> bool:
+            return self.append(record)
+
     ids.journal = Recorder()  # type: ignore[assignment]
     assert ids.add(1, "http://a/", 100.0) is OK
     assert ids.add(1, None, 101.0) is OK  # a duplicate: no journal record
