@@ -484,3 +484,21 @@ def test_thousands_of_pipelined_async_reads_queue_bounded_work_and_answer_in_ord
     assert MAX_PENDING_ANSWERS <= queued <= MAX_PENDING_ANSWERS + 4096 // len(b"GET /slow?0 HTTP/1.1\r\n\r\n")
     assert [body for _, body in responses(transport.written)] == [b'{"n":%d}' % n for n in range(5000)]
     assert not transport.paused and not transport.closed
+
+
+def test_a_bug_of_ours_is_a_500_however_the_bytes_are_cut() -> None:
+    """A handler that returns neither a response nor an awaitable makes dispatch raise: the lean parser's path and
+    the full parser's (callback error) must give the same 500 (found in review: the full one said 400)."""
+
+    def broken(path: bytes, query: bytes, body: bytes) -> Response:
+        return 42  # type: ignore[return-value]
+
+    request = b"GET /broken HTTP/1.1\r\nHost: x\r\n\r\n"
+    for cut in (len(request), 1):
+        router = Router([Route(b"GET", b"/broken", broken)])
+        limits = ConnectionLimits(max_body=MAX_BODY, max_header_bytes=MAX_HEADER, keepalive_ticks=2, read_ticks=3)
+        protocol = HttpProtocol(ServerState(router, limits, WorkerStats()))
+        transport = FakeTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        feed(protocol, *[request[i : i + cut] for i in range(0, len(request), cut)])
+        assert [status for status, _ in responses(transport.written)] == [500], f"cut={cut}"

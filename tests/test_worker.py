@@ -80,3 +80,26 @@ def test_the_loop_lag_probe_wakes_an_idle_worker_twenty_times_a_second_not_a_tho
     idle, busy = uvloop.run(main())
     assert idle <= 0.5 / 0.05 + 1, idle
     assert busy > 2 * idle, (idle, busy)
+
+
+def test_the_probe_does_not_count_the_idle_wait_as_own_lag_when_traffic_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 50 ms timer set while idle fires after the tick switched to 1 ms: its own lag must subtract the 50 ms it
+    was set for, or lateness caused by other processes is counted as the worker's own work (found in review)."""
+    import fastcount.observability.stats as stats_module
+
+    clock = {"wall": 100.0, "cpu": 5.0}
+    monkeypatch.setattr(stats_module, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(stats_module, "thread_time", lambda: clock["cpu"])
+
+    class Loop:
+        def call_later(self, delay: float, callback: object) -> None:
+            return None
+
+    probe = WorkerStats().loop_lag
+    probe.pace(busy=False)
+    probe.start(Loop())  # type: ignore[arg-type]  # a timer due in 50 ms
+    clock["cpu"] += 0.030  # 30 ms of our CPU within those 50 ms
+    probe.pace(busy=True)  # the tick saw requests
+    clock["wall"] += 0.053  # fires 3 ms late, with none of our CPU in those 3 ms
+    probe._fire()
+    assert probe.take_max()[1] <= 0.0

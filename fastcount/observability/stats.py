@@ -60,7 +60,7 @@ class LoopLagProbe:
     CPU time used since the last run beyond one period): fastcount's own work, the figure the benchmark holds to 1 ms.
     """
 
-    __slots__ = ("expected", "handle", "histogram", "last_cpu", "loop", "max_lag", "max_own_lag", "period")
+    __slots__ = ("armed", "expected", "handle", "histogram", "last_cpu", "loop", "max_lag", "max_own_lag", "period")
 
     def __init__(self, histogram: Histogram) -> None:
         self.histogram = histogram
@@ -71,12 +71,14 @@ class LoopLagProbe:
         self.expected = 0.0
         self.last_cpu = 0.0
         self.period = LOOP_LAG_PERIOD
+        self.armed = LOOP_LAG_PERIOD  # the period the pending timer was set with (`pace` may change `period` first)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.expected = perf_counter() + self.period
+        self.armed = self.period
+        self.expected = perf_counter() + self.armed
         self.last_cpu = thread_time()
-        self.handle = loop.call_later(self.period, self._fire)
+        self.handle = loop.call_later(self.armed, self._fire)
 
     def pace(self, busy: bool) -> None:
         """Every 1 ms while the worker answers requests (their wait is what the probe is for), every 50 ms while
@@ -97,11 +99,11 @@ class LoopLagProbe:
         self.histogram.observe(lag)
         if lag > self.max_lag:
             self.max_lag = lag
-        period = self.period
-        own = min(lag, cpu - self.last_cpu - period)
+        own = min(lag, cpu - self.last_cpu - self.armed)  # the CPU used beyond the wait this timer was set for
         if own > self.max_own_lag:
             self.max_own_lag = own
         self.last_cpu = cpu
+        period = self.armed = self.period
         self.expected = now + period
         self.handle = self.loop.call_later(period, self._fire)  # type: ignore[union-attr]
 

@@ -362,7 +362,11 @@ class HttpProtocol(asyncio.Protocol):
     def _parse_failed(self, error: httptools.HttpParserError) -> None:
         if isinstance(error, httptools.HttpParserCallbackError):
             rejected = error.__context__
-            self._answer(rejected.response if isinstance(rejected, RequestRejected) else BAD_REQUEST, False)
+            if isinstance(rejected, RequestRejected):
+                self._answer(rejected.response, False)
+            else:  # a bug of ours inside a callback: the same 500 as anywhere else, however the bytes were cut
+                log.error("event=protocol_error", exc_info=rejected)
+                self._answer(INTERNAL_ERROR, False)
         elif not self.closing:  # data after a `Connection: close` request is the client's problem, not a 400
             self._answer(BAD_REQUEST, False)
 

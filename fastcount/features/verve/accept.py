@@ -45,13 +45,15 @@ RECORD_MARK = b"R"
 SNAPSHOT_MARK = b"S"
 WINDOW_AND_ID = struct.Struct("<qq")
 
-# The current window's ids are kept in this many sets, by their low bits: a set that grows rehashes everything it holds
-# in one add, and one set of 300,000 ids held the event loop ~10 ms doing it (the loop-lag probe saw 13-16 ms each
-# second under wrk); a shard holds 1/64 of them.
+# The current window's ids are kept in this many sets: a set that grows rehashes everything it holds in one add (one
+# of 629,000 ids took 38.7 ms to), and a shard holds 1/64 of them. Sharded by bits 6-11, not the lowest: sequential ids
+# sharing their low bits crowd a set's hash table (1M sequential ids: 0.39 s by the low bits, 0.16 s by these).
 SEEN_SHARDS = 64
 SHARD_MASK = SEEN_SHARDS - 1
+SHARD_SHIFT = 6
 # Shards a new window (or the max_pending bound) set aside are freed a few per flush, not all at once: freeing 1M ids
-# in one go holds the loop for tens of milliseconds.
+# in one go holds the loop for tens of milliseconds. At most two sets of shards wait (about 2 x max_pending ids);
+# past that (windows shorter than 16 flushes, or max_pending passed twice in 16) they are freed at once.
 SHARDS_FREED_PER_TAKE = 4
 
 # A batch: {window start: ids} and {window start: endpoints}.
@@ -132,7 +134,7 @@ class PendingIds(FlushBuffer):
         self.unacknowledged = 0  # ids of the batch the flusher took and has not committed yet
         self.window = -1
         self.window_end = -1.0
-        # ids of the current window this worker took (pending or flushed), in shards by `id & SHARD_MASK`
+        # ids of the current window this worker took (pending or flushed), in shards (see SEEN_SHARDS)
         self.seen: list[set[int]] = [set() for _ in range(SEEN_SHARDS)]
         self.seen_count = 0
         self.retired_seen: list[set[int]] = []  # set aside by `_forget_seen`, freed by `take`
@@ -158,7 +160,7 @@ class PendingIds(FlushBuffer):
         """`add` without an endpoint, flat: the common request."""
         if now >= self.window_end:
             self.roll(now)
-        seen = self.seen[ident & SHARD_MASK]
+        seen = self.seen[(ident >> SHARD_SHIFT) & SHARD_MASK]
         if ident in seen:
             self.duplicates += 1
             return OK
@@ -181,7 +183,7 @@ class PendingIds(FlushBuffer):
         """Take one valid request (the hot path): journal first, then memory."""
         if now >= self.window_end:
             self.roll(now)
-        seen = self.seen[ident & SHARD_MASK]
+        seen = self.seen[(ident >> SHARD_SHIFT) & SHARD_MASK]
         new_id = ident not in seen
         new_endpoint = False
         if endpoint is not None and endpoint not in self.endpoints_seen:
@@ -253,6 +255,9 @@ class PendingIds(FlushBuffer):
         return ids + sum(len(values) for values in batch[1].values()), ids
 
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: Batch) -> int:
+        # Inside the flusher's transaction only: in autocommit the COPY would commit alone, and ON COMMIT DELETE ROWS
+        # would empty the parts before the merge read them (ids lost without a sound).
+        assert conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE, "write ids in a transaction"
         rows = 0
         if batch[0]:
             await conn.execute(CREATE_ID_PARTS)

@@ -46,7 +46,9 @@ def iso(window_start: int) -> str:
 def report_logger(path: str) -> logging.Logger:
     """The report log: one line per window, through logging, in its own file (appends of one line are atomic, so the
     workers of one instance share it)."""
-    logger = logging.getLogger("fastcount.verve.reports")
+    # One logger per file: a process-wide one kept the first path it was given, so a later --verve-log (a reload, or
+    # a second reporter in the same process, as in the tests) wrote its lines to the old file.
+    logger = logging.getLogger(f"fastcount.verve.reports[{Path(path).resolve()}]")
     if not logger.handlers:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, encoding="utf-8")
