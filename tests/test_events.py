@@ -130,6 +130,33 @@ def test_validation_over_http_single_and_bulk_and_nothing_invalid_stored(
     ]
 
 
+def test_a_bulk_of_1000_events_is_taken_with_default_settings_and_other_routes_keep_max_body(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    """The contract says an array of up to 1,000 events; with the defaults (--max-body 64 KiB) such an array was a
+    413. POST /events has its own limit (--events-max-body, 1 MiB); /increment still refuses a body past 64 KiB."""
+    server = start_server()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    now = int(time.time())
+    events = [
+        {"event_name": prefix + "bulk", "channel": "web", "user_id": f"user-{i}", "timestamp": now - 5,
+         "tags": ["a", "b"], "metadata": {"page": f"/p/{i}", "ms": i}}
+        for i in range(1000)
+    ]  # fmt: skip
+    body = json.dumps(events).encode()
+    assert 65_536 < len(body) < 2**20
+    conn.request("POST", "/events", body=body)
+    response = conn.getresponse()
+    assert (response.status, json.loads(response.read())) == (202, {"accepted": 1000, "rejected": []})
+    too_big = b'{"key": "k", "value": 1}'.ljust(65_537)  # JSON allows trailing blanks
+    conn.request("POST", "/increment", body=too_big)
+    response = conn.getresponse()
+    assert response.status == 413
+    response.read()
+    conn.close()
+    wait_until(lambda: len(stored(database, prefix)) == 1000)
+
+
 def test_duplicates_dropped_across_workers_and_instances_and_counted(
     start_server: StartServer, database: Database, prefix: str
 ) -> None:

@@ -502,3 +502,32 @@ def test_a_bug_of_ours_is_a_500_however_the_bytes_are_cut() -> None:
         protocol.connection_made(transport)  # type: ignore[arg-type]
         feed(protocol, *[request[i : i + cut] for i in range(0, len(request), cut)])
         assert [status for status, _ in responses(transport.written)] == [500], f"cut={cut}"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_route_may_take_bodies_past_max_body_and_others_may_not(chunked: bool) -> None:
+    """`Route(max_body=...)` (POST /events takes bulk arrays): that route alone takes bodies up to its own limit,
+    whether the size is announced (Content-Length) or only counted (chunked); past it, and on any other route, 413."""
+    big_limit = MAX_BODY * 2
+    router = Router([Route(b"POST", b"/bulk", echo, max_body=big_limit), Route(b"POST", b"/echo", echo)])
+
+    def answer(target: bytes, size: int) -> int:
+        limits = ConnectionLimits(max_body=MAX_BODY, max_header_bytes=MAX_HEADER, keepalive_ticks=2, read_ticks=3)
+        protocol = HttpProtocol(ServerState(router, limits, WorkerStats()))
+        transport = FakeTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        body = b"b" * size
+        if chunked:
+            data = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            parts = [body[i : i + 1000] for i in range(0, size, 1000)]
+            data += b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+        else:
+            data = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + body
+        feed(protocol, *[data[i : i + 700] for i in range(0, len(data), 700)])
+        return responses(transport.written)[0][0]
+
+    assert answer(b"/bulk", MAX_BODY + 1000) == 200
+    assert answer(b"/bulk?x=1", big_limit) == 200
+    assert answer(b"/bulk", big_limit + 1000) == 413
+    assert answer(b"/echo", MAX_BODY + 1000) == 413
+    assert answer(b"/echo", MAX_BODY) == 200

@@ -138,6 +138,7 @@ class HttpProtocol(asyncio.Protocol):
         "lean_skip",
         "max_head_bytes",
         "max_body",
+        "body_limit",
         "watched_header_lengths",
         "out",
         "queue",
@@ -178,6 +179,7 @@ class HttpProtocol(asyncio.Protocol):
         self.lean_skip = 0  # messages of the read being parsed again that the lean parser already handled
         self.max_head_bytes = state.limits.max_header_bytes
         self.max_body = state.limits.max_body
+        self.body_limit = 0  # of the current request, looked up only past max_body (a route may allow more); 0: not yet
         self.watched_header_lengths = state.watched_header_lengths
         self.out: list[bytes] = []  # responses to write when the current data_received returns
         # [bytes | Task, keep_alive, http10, route] entries waiting behind an unfinished (async) response
@@ -440,7 +442,7 @@ class HttpProtocol(asyncio.Protocol):
         ):
             raise RequestRejected(HEADERS_TOO_LARGE)
         self.head_bytes = 0  # from here on it measures the trailers of a chunked body
-        if self.content_length > self.max_body:
+        if self.content_length > self.max_body and not self._allows_body(self.content_length):
             raise RequestRejected(BODY_TOO_LARGE)
         if self.expect_continue:
             self.expect_continue = False
@@ -448,6 +450,14 @@ class HttpProtocol(asyncio.Protocol):
                 self._answer_interim(CONTINUE)
         if self.upgrade_requested and self.parser.should_upgrade():
             self.replay_head = self._plain_head()
+
+    def _allows_body(self, size: int) -> bool:
+        """A body past --max-body: allowed up to the limit its route declared (POST /events takes bulk arrays)."""
+        limit = self.body_limit
+        if not limit:
+            declared = self.state.router.body_limit(self.parser.get_method(), self.url or b"/")
+            limit = self.body_limit = max(declared, self.max_body)
+        return size <= limit
 
     def _plain_head(self) -> bytes:
         """The head of the current request as a request with no upgrade in it (see `_upgraded`)."""
@@ -471,7 +481,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_body(self, chunk: bytes) -> None:
         size = self.body_size + len(chunk)
-        if size > self.max_body:
+        if size > self.max_body and not self._allows_body(size):  # (never on the lean parser: lean_max <= max_body)
             raise RequestRejected(BODY_TOO_LARGE)
         self.body_size = size
         self.body = chunk if self.body is None else self.body + chunk
@@ -490,6 +500,7 @@ class HttpProtocol(asyncio.Protocol):
             self.body_size = 0
         self.headers_done = False
         self.content_length = -1
+        self.body_limit = 0
         if request_headers is not None or self.upgrade_requested or self.transfer_encoding is not None:
             self.request_headers = self.transfer_encoding = None
             self.upgrade_requested = False

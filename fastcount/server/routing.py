@@ -31,6 +31,7 @@ class Route:
     prefix: bool = False  # match every path that starts with `path`
     name: str = ""  # the `route` label of metrics; default "METHOD path"
     headers: tuple[bytes, ...] = ()  # lower-case names of request headers the handler is given, as a 4th argument
+    max_body: int = 0  # a larger body limit than the server's --max-body for this route alone (exact routes); 0: none
 
 
 def _no_handler(path: bytes, query: bytes, body: bytes) -> Response:
@@ -61,7 +62,9 @@ NOT_FOUND = constant_error(404, "not found")
 
 
 class Router:
-    __slots__ = ("_method_not_allowed", "_prefixes", "exact", "invalid", "routes", "unmatched", "wanted_headers")
+    __slots__ = (
+        "_method_not_allowed", "_prefixes", "body_limits", "exact", "invalid", "routes", "unmatched", "wanted_headers",
+    )  # fmt: skip
 
     def __init__(self, routes: Iterable[Route]) -> None:
         self.exact: dict[bytes, dict[bytes, RouteState]] = {}
@@ -70,7 +73,12 @@ class Router:
         self.invalid = RouteState("invalid")  # requests refused before routing: 400, 408, 413, 431
         self.routes: list[RouteState] = [self.unmatched, self.invalid]
         wanted: set[bytes] = set()
+        self.body_limits: dict[tuple[bytes, bytes], int] = {}  # (method, path) -> a route's own body limit
         for route in routes:
+            if route.max_body:
+                if route.prefix:
+                    raise ValueError(f"prefix route {route.path!r} cannot set max_body")
+                self.body_limits[(route.method, route.path)] = route.max_body
             for header in route.headers:
                 if header != header.lower() or header in FRAMING_HEADERS:
                     raise ValueError(f"route {route.method!r} {route.path!r} cannot ask for header {header!r}")
@@ -92,6 +100,13 @@ class Router:
         self.wanted_headers = frozenset(wanted)  # what the protocol collects from requests: the union of the wishes
         self._prefixes.sort(key=lambda item: len(item[0]), reverse=True)  # longest prefix wins
         self._method_not_allowed: dict[int, Response] = {}
+
+    def body_limit(self, method: bytes, target: bytes) -> int:
+        """The body limit a route declared for this request (0: none, the server's --max-body applies)."""
+        if not self.body_limits:
+            return 0
+        query_at = target.find(b"?")
+        return self.body_limits.get((method, target if query_at == -1 else target[:query_at]), 0)
 
     def methods_for(self, path: bytes) -> dict[bytes, RouteState] | None:
         table = self.exact.get(path)

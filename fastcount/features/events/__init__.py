@@ -57,6 +57,11 @@ class EventsSettings:
         90, "days of events kept: older timestamps are refused, older daily partitions dropped", minimum=1
     )
     events_flush_max: int = knob(50_000, "pending events of a worker that trigger an early flush", minimum=1)
+    events_max_body: int = knob(
+        2**20,
+        "largest POST /events body in bytes (a bulk array of up to 1,000 events); other routes keep --max-body",
+        minimum=1,
+    )
     events_max_pending: int = knob(
         1_000_000, "events per worker (pending + in retry) past which new events get 503", minimum=1
     )
@@ -284,7 +289,7 @@ class EventsFeature(Feature):
 
     def routes(self) -> list[Route]:
         return [
-            Route(b"POST", b"/events", self.handle_events, name="events"),
+            Route(b"POST", b"/events", self.handle_events, name="events", max_body=self.settings.events_max_body),
             Route(b"GET", b"/metrics", self.handle_metrics, name="metrics"),
         ]
 
