@@ -98,6 +98,8 @@ def test_a_buffer_dedups_per_window_bounds_pending_and_replays_its_journal_recor
     assert ids.add(3, None, 112.0) is OK
     assert ids.replay([ids.snapshot()]) == ({110: [3]}, {})
     assert ids.split(batch) == [({100: [1, 2]}, {}), ({110: [1]}, {100: ["http://a/"]})]
+    # halves in id order: written one after the other, they insert in the order every flusher uses (no deadlock)
+    assert ids.split(({60: [9, 1, 5, 3]}, {})) == [({60: [1, 3]}, {}), ({60: [5, 9]}, {})]
     assert FAILED.status == 400 and OVERLOADED.status == 503 and OK.body == b"ok"
 
 

@@ -275,8 +275,10 @@ class PendingIds(FlushBuffer):
         return rows
 
     def split(self, batch: Batch) -> list[Batch]:
+        # In (window, id) order, so that the halves, written one after the other in one transaction, still insert in
+        # the order every other flusher uses (no deadlock between a bisection and another worker's flush).
         items: list[tuple[int, int | None, str | None]] = [
-            (window, ident, None) for window, ids in sorted(batch[0].items()) for ident in ids
+            (window, ident, None) for window, ids in sorted(batch[0].items()) for ident in sorted(ids)
         ] + [(window, None, endpoint) for window, endpoints in sorted(batch[1].items()) for endpoint in endpoints]
         middle = len(items) // 2
         if not middle:
