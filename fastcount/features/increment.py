@@ -20,6 +20,7 @@ import psycopg
 from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
 from fastcount.server.responses import Response, constant_error, error_response, json_response
 from fastcount.server.routing import Route
+from fastcount.store.database import COPY_JSON_LINES
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,7 @@ SCHEMA = [
 CREATE_PARTS = """
     CREATE TEMP TABLE IF NOT EXISTS fastcount_increment_parts (part json NOT NULL) ON COMMIT DELETE ROWS
 """
-# CSV with a quote and a delimiter no JSON text holds (orjson and json escape every control character), so each
-# line is one part as it is, and backslashes mean nothing to COPY.
-COPY_PARTS = "COPY fastcount_increment_parts (part) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')"
+COPY_PARTS = f"COPY fastcount_increment_parts (part) FROM STDIN {COPY_JSON_LINES}"
 # The parts are deleted as they are merged: under the savepoints of a refused batch's bisection, one transaction
 # writes several halves, and each must merge only its own parts (ON COMMIT DELETE ROWS comes too late for that).
 UPSERT_FROM_PARTS = """

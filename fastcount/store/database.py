@@ -14,6 +14,10 @@ from typing import Any
 import psycopg
 
 MIGRATION_LOCK = 0x66617374  # "fast": serialises concurrent migrations from many workers
+# COPY options for lines of JSON texts (flushes send batches as JSON parts): CSV with a delimiter and a quote no JSON
+# text holds (orjson and json escape every control character), so each JSON text goes in as it is, and backslashes
+# mean nothing to COPY. Columns before the JSON one are plain numbers, separated by the same \x02.
+COPY_JSON_LINES = "WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')"
 
 CORE_SCHEMA = [
     # One row per flushed batch. Its primary key is what turns "retry after an unknown outcome" into exactly-once:

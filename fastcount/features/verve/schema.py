@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from fastcount.store.database import COPY_JSON_LINES
+
 SCHEMA = [
     """
     CREATE TABLE IF NOT EXISTS verve_ids (
@@ -70,10 +72,7 @@ CREATE_ID_PARTS = """
     CREATE TEMP TABLE IF NOT EXISTS fastcount_verve_id_parts (window_start bigint NOT NULL, part json NOT NULL)
     ON COMMIT DELETE ROWS
 """
-COPY_ID_PARTS = (
-    "COPY fastcount_verve_id_parts (window_start, part) FROM STDIN "
-    "WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')"
-)
+COPY_ID_PARTS = f"COPY fastcount_verve_id_parts (window_start, part) FROM STDIN {COPY_JSON_LINES}"
 INSERT_IDS_FROM_PARTS = """
     WITH parts AS (DELETE FROM fastcount_verve_id_parts RETURNING window_start, part)
     INSERT INTO verve_ids (window_start, id)
