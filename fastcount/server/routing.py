@@ -61,6 +61,19 @@ class RouteState:
 NOT_FOUND = constant_error(404, "not found")
 
 
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """A request target's path and query (origin form `/path?query`, or absolute form `http://host/path?query`)."""
+    query_at = target.find(b"?")
+    if query_at == -1:
+        path, query = target, b""
+    else:
+        path, query = target[:query_at], target[query_at + 1 :]
+    if path[:1] != b"/":  # absolute-form target
+        parsed = httptools.parse_url(target)
+        path, query = parsed.path or b"/", parsed.query or b""
+    return path, query
+
+
 class Router:
     __slots__ = (
         "_method_not_allowed", "_prefixes", "body_limits", "exact", "invalid", "routes", "unmatched", "wanted_headers",
@@ -105,8 +118,7 @@ class Router:
         """The body limit a route declared for this request (0: none, the server's --max-body applies)."""
         if not self.body_limits:
             return 0
-        query_at = target.find(b"?")
-        return self.body_limits.get((method, target if query_at == -1 else target[:query_at]), 0)
+        return self.body_limits.get((method, split_target(target)[0]), 0)
 
     def methods_for(self, path: bytes) -> dict[bytes, RouteState] | None:
         table = self.exact.get(path)
@@ -119,14 +131,7 @@ class Router:
 
     def resolve_target(self, method: bytes, target: bytes) -> tuple[bytes, bytes, RouteState | Response]:
         """Split a request target into path and query and resolve the path. `exact` alone serves the hot path."""
-        query_at = target.find(b"?")
-        if query_at == -1:
-            path, query = target, b""
-        else:
-            path, query = target[:query_at], target[query_at + 1 :]
-        if path[:1] != b"/":  # absolute-form target (http://host/path?query)
-            parsed = httptools.parse_url(target)
-            path, query = parsed.path or b"/", parsed.query or b""
+        path, query = split_target(target)
         return path, query, self.resolve(method, path)
 
     def resolve(self, method: bytes, path: bytes) -> RouteState | Response:
