@@ -151,3 +151,24 @@ def test_due_windows_wait_for_the_grace_period(tmp_path: object) -> None:
     reporter = Reporter("me", 60, 1.4, 10.0, False, f"{tmp_path}/verve.log", 3600.0, 86400.0)
     assert reporter.last_due(1201.3) == 1080  # [1140, 1200) closed 1.3 s ago: not yet
     assert reporter.last_due(1201.4) == 1140
+
+
+def test_forgotten_seen_sets_are_freed_a_few_per_take_and_never_pile_up() -> None:
+    """The window's seen ids are set aside (not freed at once: that held the loop) and freed 4 shards per take;
+    past two windows' worth they are dropped at once, so memory stays bounded."""
+    from fastcount.features.verve.accept import SEEN_SHARDS, SHARDS_FREED_PER_TAKE
+
+    ids = PendingIds(window_seconds=10, max_pending=2, max_endpoints=1, flush_max_keys=100)
+    assert ids.add_id(1, 100.0) is OK and ids.add_id(2, 100.0) is OK
+    assert len(ids.retired_seen) == SEEN_SHARDS  # the first window's roll set the (empty) initial shards aside
+    ids.take()
+    ids.acknowledge()
+    assert len(ids.retired_seen) == SEEN_SHARDS - SHARDS_FREED_PER_TAKE
+    assert ids.add_id(3, 101.0) is OK  # a third id this window: past max_pending, the seen sets are set aside
+    assert len(ids.retired_seen) == 2 * SEEN_SHARDS - SHARDS_FREED_PER_TAKE
+    assert ids.add_id(1, 101.0) is OK and ids.accepted == 4  # 1 is new to this worker's dedup again
+    ids.take()
+    ids.acknowledge()
+    assert len(ids.retired_seen) == 2 * SEEN_SHARDS - 2 * SHARDS_FREED_PER_TAKE
+    assert ids.add_id(4, 111.0) is OK  # a new window, before flushes caught up: the old ones are dropped at once
+    assert len(ids.retired_seen) == SEEN_SHARDS
