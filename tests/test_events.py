@@ -3,6 +3,7 @@ across workers and instances, exact metrics, backpressure while PostgreSQL is un
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import json
 import os
@@ -143,6 +144,9 @@ def test_a_bulk_of_1000_events_is_taken_with_default_settings_and_other_routes_k
          "tags": ["a", "b"], "metadata": {"page": f"/p/{i}", "ms": i}}
         for i in range(1000)
     ]  # fmt: skip
+    # Every field goes through the flush's JSON parts into its column as it came.
+    events[7] |= {"campaign_id": "c-\u00e9", "event_id": "id-7", "tags": ["x", "\u00fc"],
+                  "metadata": {"nested": {"\u00e9": [1.5, None, True, "s"]}, "big": 2**53 + 1}}  # fmt: skip
     body = json.dumps(events).encode()
     assert 65_536 < len(body) < 2**20
     conn.request("POST", "/events", body=body)
@@ -155,6 +159,13 @@ def test_a_bulk_of_1000_events_is_taken_with_default_settings_and_other_routes_k
     response.read()
     conn.close()
     wait_until(lambda: len(stored(database, prefix)) == 1000)
+    query = (
+        "SELECT ts, channel, campaign_id, event_id, tags, metadata FROM events"
+        " WHERE user_id = 'user-7' AND event_name = %s"
+    )
+    want = (datetime.datetime.fromtimestamp(now - 5, datetime.UTC), "web", "c-\u00e9", "id-7", ["x", "\u00fc"],
+            {"nested": {"\u00e9": [1.5, None, True, "s"]}, "big": 2**53 + 1})  # fmt: skip
+    assert database.query(query, (prefix + "bulk",)) == [want]
 
 
 def test_duplicates_dropped_across_workers_and_instances_and_counted(

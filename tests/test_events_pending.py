@@ -100,12 +100,11 @@ def test_one_request_larger_than_the_bytes_bound_is_taken_when_nothing_is_held()
 
 def test_duplicates_of_an_adopted_batch_are_counted_once_after_its_commit(monkeypatch: pytest.MonkeyPatch) -> None:
     import fastcount.features.events as events_feature
-    from fastcount.features.events.store import Written
 
     inserted = iter([2, 1, 1, 0])  # attempt 1 (rolled back): 2; attempt 2: whole 1, then its two parts 1 + 0
 
-    async def write_batch(conn: object, batch: object, known: object) -> Written:
-        return Written(inserted=next(inserted))
+    async def write_batch(conn: object, batch: object) -> int:
+        return next(inserted)
 
     monkeypatch.setattr(events_feature, "write_batch", write_batch)
     buffer = PendingEvents(max_pending=1000, flush_max=1000)

@@ -41,7 +41,6 @@ BAD_JSON = constant_error(400, "body must be JSON: one event object or an array 
 OVERLOADED = constant_error(503, "too many pending events; retry later", ((b"Retry-After", b"1"),))
 DATABASE_UNAVAILABLE = constant_error(503, "database unavailable", ((b"Retry-After", b"1"),))
 SNAPSHOT_MARK = b"S"  # starts a journal record holding every pending event; no JSON text starts with it
-MAX_KNOWN_USERS = 1_000_000  # cached user numbers per worker; the cache starts over past this
 MAINTAIN_EVERY = 3600.0
 MAINTAIN_RETRY = 60.0
 # An accepted event's memory, estimated from its JSON: measured at 1.3-3x the JSON (dicts, strings, the key) for
@@ -113,8 +112,6 @@ class PendingEvents(FlushBuffer):
         self.duplicates = 0
         self.taken: EventBatch | None = None
         self.batch_inserted = 0  # of `taken`, over the writes of its current attempt
-        self.batch_users: dict[str, int] = {}
-        self.known_users: dict[str, int] = {}  # user numbers committed: immutable once committed
         # The adopted batch last written and what its current attempt inserted: its duplicates are counted once the
         # flusher moved on from it (to another adopted batch, or to `take`), which it only does after its commit.
         self.adopted: EventBatch | None = None
@@ -207,10 +204,6 @@ class PendingEvents(FlushBuffer):
         taken, self.taken = self.taken, None
         if taken is not None:
             self.duplicates += len(taken.events) - self.batch_inserted
-        if len(self.known_users) + len(self.batch_users) > MAX_KNOWN_USERS:
-            self.known_users = {}
-        self.known_users.update(self.batch_users)
-        self.batch_users = {}
         self.batch_inserted = 0
         self.unacknowledged = 0
         self.unacknowledged_bytes = 0
@@ -227,19 +220,17 @@ class PendingEvents(FlushBuffer):
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: EventBatch) -> int:
         if batch is self.taken:  # a new attempt at the whole batch: forget what an earlier one did
             self.batch_inserted = 0
-            self.batch_users = {}
         elif batch.adopted:
             if batch is not self.adopted:  # the flusher moved on: the previous adopted batch committed
                 self._settle_adopted()
                 self.adopted = batch
             self.adopted_inserted = 0  # a new attempt at the whole batch
-        written = await write_batch(conn, batch.events, self.known_users)
-        if batch.own:  # replayed batches are not acknowledged: their user numbers are simply not cached
-            self.batch_inserted += written.inserted
-            self.batch_users.update(written.user_numbers)
+        inserted = await write_batch(conn, batch.events)
+        if batch.own:
+            self.batch_inserted += inserted
         else:  # a replayed batch or a part of one: its events the database already held are counted as duplicates
-            self.adopted_inserted += written.inserted
-        return written.inserted
+            self.adopted_inserted += inserted
+        return inserted
 
     def split(self, batch: EventBatch) -> list[EventBatch]:
         identities = sorted(batch.events)
