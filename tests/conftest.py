@@ -109,6 +109,24 @@ class Server:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
         return [int(pid) for pid in children]
 
+    def worker_with_clients(self) -> int:
+        """A worker holding at least one client connection (a kill test must kill a worker that answered something:
+        with few keep-alive clients, SO_REUSEPORT may give all of them to one worker)."""
+        established = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == self.port and fields[3] == "01":  # ESTABLISHED
+                    established.add(f"socket:[{fields[9]}]")
+        for pid in self.worker_pids():
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    if os.readlink(fd) in established:
+                        return pid
+                except OSError:  # closed since listed
+                    continue
+        raise AssertionError("no worker holds a client connection")
+
     def stop(self, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

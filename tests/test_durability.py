@@ -92,7 +92,7 @@ def test_sigkill_of_a_worker_loses_nothing_it_answered(
     server = start_server("--flush-interval", "600", workers=2)
     with Load(server.port, prefix, keys=100, clients=6) as load:
         load.wait_for_answers(300)
-        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        os.kill(server.worker_with_clients(), signal.SIGKILL)
         server.wait_for_log(r"event=journals_recovered")
         load.wait_for_answers(100)  # the survivor and the replacement keep answering
     assert server.stop() == 0
