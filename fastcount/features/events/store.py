@@ -140,10 +140,11 @@ INSERT_USERS = """
     ORDER BY u COLLATE "C"
     ON CONFLICT DO NOTHING
 """
-# Each bucket the inserted events fall in: their count and their users' numbers (distinct).
+# Each bucket the inserted events fall in: their count and their users' numbers, one per event (no DISTINCT: the bitmap
+# deduplicates, and PostgreSQL need not sort).
 READ_BUCKETS = """
     WITH inserted AS (DELETE FROM fastcount_events_inserted RETURNING *)
-    SELECT i.event_name, i.hour, i.channel, count(*), array_agg(DISTINCT u.user_number)
+    SELECT i.event_name, i.hour, i.channel, count(*), array_agg(u.user_number)
     FROM inserted i JOIN event_users u ON u.user_id = i.user_id
     GROUP BY i.event_name, i.hour, i.channel
 """
