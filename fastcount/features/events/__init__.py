@@ -232,6 +232,9 @@ class PendingEvents(FlushBuffer):
 
     def parts(self, batch: EventBatch, rows: int) -> Iterator[EventBatch]:
         """Parts of equal size, in arrival order (each write sorts its rows in SQL; see the flusher's rule 6)."""
+        if len(batch.events) <= rows:
+            yield batch
+            return
         count = -(-len(batch.events) // rows)
         size = -(-len(batch.events) // count)
         items = iter(batch.events.items())

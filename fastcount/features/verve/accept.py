@@ -286,6 +286,9 @@ class PendingIds(FlushBuffer):
         sorts in SQL; see the flusher's rule 6)."""
         ids, endpoints = batch
         total = sum(len(values) for values in ids.values()) + sum(len(values) for values in endpoints.values())
+        if total <= rows:
+            yield batch
+            return
         size = -(-total // -(-total // rows))
         lists: list[tuple[bool, int, list[Any]]] = [(True, window, values) for window, values in ids.items()]
         lists += [(False, window, values) for window, values in endpoints.items()]
