@@ -1,9 +1,10 @@
 """The events tables (a public contract, see the README) and how one flushed batch is written to them.
 
-One batch, inside the flusher's transaction (with the ledger row): make sure the batch's daily partitions exist,
-COPY the events into a session staging table, insert them into `events` ON CONFLICT DO NOTHING RETURNING the
-identities actually inserted (duplicates of rows already stored, from any worker or instance, return nothing), and
-derive the rollups from those rows alone: counts are added and each bucket's bitmap of user numbers is widened.
+One batch (or one part of a batch past --events-flush-max: the flusher's rule 6), inside the flusher's transaction:
+make sure the batch's daily partitions exist, COPY the events into a session staging table, insert them into
+`events` ON CONFLICT DO NOTHING RETURNING the identities actually inserted (duplicates of rows already stored, from
+any worker or instance, return nothing), and derive the rollups from those rows alone: counts are added and each
+bucket's bitmap of user numbers is widened. Written again, a batch stores nothing twice.
 Locks are always taken in one order (events by (day, id), users by user_id, then the rollups' advisory lock), so
 flushers of any number of workers and instances never deadlock.
 
