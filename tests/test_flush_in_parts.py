@@ -27,7 +27,7 @@ from fastcount.features.events.query import parse_query, run_query
 from fastcount.features.events.validation import Clock, check_event
 from fastcount.features.verve.accept import PendingIds
 from fastcount.observability.stats import WorkerStats
-from fastcount.store.flusher import Flusher
+from fastcount.store.flusher import Doubt, Flusher, InFlight
 
 from conftest import Database, StartServer, wait_until
 from events_support import expected, metrics
@@ -182,17 +182,18 @@ def test_failures_between_and_within_parts_resume_and_count_duplicates_and_users
     assert stats.flush_errors == 2
 
 
-class SlowRows(FlushBuffer):
-    """An idempotent buffer whose one INSERT statement sleeps 10 ms a row in PostgreSQL: a batch of 300 rows would be
-    one statement of 3 s, past a 1 s --flush-timeout; its parts of 10 rows take 0.1 s each."""
+class IdempotentRows(FlushBuffer):
+    """Items of a table keyed by them, in parts of `transaction_rows`; its one INSERT statement sleeps `sleep`
+    seconds a row in PostgreSQL."""
 
     name = "rows"
     idempotent = True
-    transaction_rows = 10
 
-    def __init__(self, table: str) -> None:
+    def __init__(self, table: str, transaction_rows: int, sleep: float = 0.0) -> None:
         super().__init__()
         self.table = table
+        self.transaction_rows = transaction_rows
+        self.sleep = sleep
         self.pending: list[str] = []
 
     def take(self) -> list[str] | None:
@@ -205,8 +206,8 @@ class SlowRows(FlushBuffer):
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
         cursor = await conn.execute(
             f"INSERT INTO {self.table} (item) SELECT item FROM unnest(%s::text[]) AS item"
-            " WHERE pg_sleep(0.01)::text = '' ORDER BY item ON CONFLICT DO NOTHING",
-            (batch,),
+            " WHERE pg_sleep(%s)::text = '' ORDER BY item ON CONFLICT DO NOTHING",
+            (batch, self.sleep),
         )
         return cursor.rowcount
 
@@ -236,7 +237,9 @@ def test_a_batch_whose_one_transaction_would_pass_the_flush_timeout_commits_in_p
     items = [f"{prefix}{i:03d}" for i in range(300)]
 
     async def scenario() -> None:
-        buffer = SlowRows(table)
+        # 10 ms a row in one INSERT: the whole batch would be one statement of 3 s, past a 1 s --flush-timeout; its
+        # parts of 10 rows take 0.1 s each.
+        buffer = IdempotentRows(table, transaction_rows=10, sleep=0.01)
         buffer.pending = list(items)
         flusher = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", WorkerStats(), flush_timeout=1)
         lane = flusher.lanes["rows"]
@@ -351,3 +354,41 @@ def test_verve_ids_and_endpoints_past_the_bound_commit_in_parts_each_once(databa
     assert database.query("SELECT count(*) FROM fastcount_batches WHERE writer = %s", (f"test/{prefix}/verve",)) == [
         (1,)
     ]
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_part_in_doubt_is_settled_by_its_transaction_and_never_guessed_while_it_runs(
+    database: Database, prefix: str, outcome: str
+) -> None:
+    # The first part's attempt "got no answer to its COMMIT": its transaction is the test's, still open, holding
+    # items a and b. While it runs the lane does not guess (nor write the part again); then it follows the outcome.
+    table = "test_doubt_" + prefix.strip("-")
+    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
+    items = ["a", "b", "c", "d"]
+
+    async def scenario() -> None:
+        buffer = IdempotentRows(table, transaction_rows=2)
+        flusher = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", WorkerStats(), flush_timeout=1)
+        lane = flusher.lanes["rows"]
+        attempt = await psycopg.AsyncConnection.connect(database.dsn)
+        try:
+            await attempt.execute(f"INSERT INTO {table} (item) VALUES ('a'), ('b')")
+            row = await (await attempt.execute("SELECT txid_current()")).fetchone()
+            assert row is not None
+            in_flight = InFlight(lane.writer, 1, items, 4, 4, parts=[["a", "b"], ["c", "d"]])
+            in_flight.doubt = Doubt(int(row[0]), 2, 0)
+            assert not await lane._write(in_flight), "its transaction is still in progress"
+            assert (in_flight.committed_parts, in_flight.doubt is not None) == (0, True)
+            await (attempt.commit() if outcome == "commit" else attempt.rollback())
+            assert await lane._write(in_flight)
+        finally:
+            await attempt.close()
+            await lane._close()
+        writers = dict(database.query(f"SELECT item, xmin::text FROM {table}"))
+        assert sorted(writers) == items
+        first_part_by_attempt = writers["a"] == writers["b"] == str(row[0])
+        assert first_part_by_attempt == (outcome == "commit"), "written again only when the attempt rolled back"
+        ledger = database.query("SELECT xmin::text FROM fastcount_batches WHERE writer = %s", (lane.writer,))
+        assert ledger == [(writers["c"],)]
+
+    asyncio.run(scenario())
