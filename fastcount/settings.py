@@ -46,7 +46,12 @@ class Settings:
     db_wait: float = _knob(10.0, "seconds to keep trying to reach PostgreSQL at start before giving up", minimum=0)
     data_dir: str = _knob("./.fastcount", "directory of the embedded PostgreSQL cluster (used when --dsn is empty)")
     flush_interval: float = _knob(1.0, "seconds between flushes of each worker's pending counts", minimum=0.01)
-    flush_max_keys: int = _knob(50_000, "distinct pending keys that trigger an early flush", minimum=1)
+    flush_max_keys: int = _knob(
+        50_000,
+        "distinct pending keys that trigger an early flush; verve: also the most ids and endpoints one flush"
+        " transaction writes (a larger batch is committed in parts)",
+        minimum=1,
+    )
     max_pending_keys: int = _knob(
         1_000_000, "pending keys per worker (unflushed + in retry) past which new keys get 503", minimum=1
     )

@@ -7,6 +7,7 @@ import asyncio
 import os
 
 import orjson
+import psycopg
 import pytest
 
 from fastcount.features.events import PendingEvents
@@ -98,13 +99,18 @@ def test_one_request_larger_than_the_bytes_bound_is_taken_when_nothing_is_held()
     assert buffer.add_one(identity, accepted, orjson.dumps(event(event_id="Y"))).status == 503
 
 
-def test_duplicates_of_an_adopted_batch_are_counted_once_after_its_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_duplicates_count_only_once_their_transaction_committed(monkeypatch: pytest.MonkeyPatch) -> None:
     import fastcount.features.events as events_feature
 
-    inserted = iter([2, 1, 1, 0])  # attempt 1 (rolled back): 2; attempt 2: whole 1, then its two parts 1 + 0
+    # Attempt 1 (rolled back): 2 inserted. Attempt 2: the whole batch refused (a data error), then its halves: 1
+    # inserted and 0.
+    writes: list[int | None] = [2, None, 1, 0]
 
     async def write_batch(conn: object, batch: object) -> int:
-        return next(inserted)
+        inserted = writes.pop(0)
+        if inserted is None:
+            raise psycopg.errors.NumericValueOutOfRange("refused")
+        return inserted
 
     monkeypatch.setattr(events_feature, "write_batch", write_batch)
     buffer = PendingEvents(max_pending=1000, flush_max=1000)
@@ -114,16 +120,19 @@ def test_duplicates_of_an_adopted_batch_are_counted_once_after_its_commit(monkey
 
     async def flush() -> None:
         await buffer.write(None, adopted)  # type: ignore[arg-type]
-        assert buffer.duplicates == 0
-        await buffer.write(None, adopted)  # type: ignore[arg-type]
+        buffer.transaction_ended(committed=False)
+        assert buffer.duplicates == 0, "a rolled-back attempt counts nothing"
+        with pytest.raises(psycopg.DataError):
+            await buffer.write(None, adopted)  # type: ignore[arg-type]
         for part in buffer.split(adopted):
             await buffer.write(None, part)  # type: ignore[arg-type]
-        assert buffer.duplicates == 0, "not before the flusher moved on (after the commit)"
-        assert buffer.take() is None
+        assert buffer.duplicates == 0, "nothing before the commit"
+        buffer.transaction_ended(committed=True)
 
     asyncio.run(flush())
-    assert buffer.duplicates == 4 - 2
-    assert buffer.take() is None and buffer.duplicates == 2
+    assert buffer.duplicates == (2 - 1) + (2 - 0), "per write that returned, in the transaction that committed"
+    buffer.transaction_ended(committed=True)
+    assert buffer.duplicates == 3, "counted once"
 
 
 def test_a_full_worker_refuses_before_parsing_when_nothing_of_that_size_can_be_accepted() -> None:

@@ -8,7 +8,7 @@ A feature never touches sockets, processes or the flusher's retries; the server 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -57,9 +57,17 @@ class FlushBuffer(ABC):
     `take`, writes the batch with `write` inside a transaction that also records the batch in the ledger, and calls
     `acknowledge` once it committed. Until then the batch is retried verbatim; if PostgreSQL refuses part of it for
     good (a data error), the lane bisects it with `split` down to single items and parks those with `dead_letters`.
+
+    An `idempotent` buffer's batch of more than `transaction_rows` rows is committed as `parts`, one transaction each,
+    the ledger row with the last one (the flusher's rule 6). Whatever a buffer derives from its writes (counters,
+    caches of committed values) it applies in `transaction_ended`, once the lane knows how their transaction ended.
     """
 
     name: ClassVar[str]  # unique per worker: the ledger writer's suffix and the journal section's name
+    # True only when writing an item again stores nothing twice (ON CONFLICT DO NOTHING on its key) and everything
+    # else a write does is derived, in its own transaction, from the rows it actually inserted. Sums are not.
+    idempotent: ClassVar[bool] = False
+    transaction_rows = 0  # an idempotent buffer's most rows per transaction (0: a batch is one transaction)
 
     def __init__(self) -> None:
         self.journal: Journal | None = None  # set by the worker when the crash journal is on
@@ -92,6 +100,17 @@ class FlushBuffer(ABC):
     @abstractmethod
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: Any) -> int:
         """Write the batch inside the caller's transaction; return rows written. Sort keys: flushers never deadlock."""
+
+    def transaction_ended(self, committed: bool) -> None:  # noqa: B027 (optional hook)
+        """The transaction of every `write` since the last call ended: committed, or rolled back. What the buffer
+        derives from those writes is applied now, or forgotten. A COMMIT that got no answer is settled (either way)
+        once its outcome is known, before anything else of the batch is written."""
+
+    def parts(self, batch: Any, rows: int) -> Iterator[Any]:
+        """An idempotent buffer's batch cut into parts of at most `rows` rows each (as `describe` counts them), every
+        item in exactly one part, always in the same order for the same batch. Each is written in a transaction of
+        its own (and takes that transaction's row locks in key order, as `write` always does)."""
+        yield batch
 
     @abstractmethod
     def split(self, batch: Any) -> list[Any]:

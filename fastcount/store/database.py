@@ -46,6 +46,8 @@ CORE_SCHEMA = [
         created_at timestamptz NOT NULL DEFAULT now()
     )
     """,
+    # A refused item is parked once per batch, even when a part of its batch is written again (flusher.py, rule 6).
+    "CREATE INDEX IF NOT EXISTS fastcount_dead_letters_batch ON fastcount_dead_letters (writer, seq)",
 ]
 
 # A writer only ever retries its newest batch, so older rows of live writers are pruned by the writers themselves;

@@ -3,8 +3,9 @@ and writes it to PostgreSQL on a connection of its own, so one buffer's trouble 
 
 Rules a lane keeps:
 1. A batch, once taken, is written verbatim until it is committed: same writer, same sequence number, same content.
-   The ledger row (writer, seq) is inserted in the same transaction as the data, so a retry after an unknown outcome
-   (the connection broke after COMMIT was sent) fails as a duplicate instead of counting twice.
+   The ledger row (writer, seq) is inserted in the same transaction as the data (its last part's: rule 6), so a retry
+   after an unknown outcome (the connection broke after COMMIT was sent) fails as a duplicate instead of counting
+   twice.
 2. Errors are classified. Transient (connection lost, timeout, serialization, anything not about the data): retry
    the same batch with back-off. Permanent (PostgreSQL refuses the data: class 22 and 23 errors): in one transaction
    with the ledger row, bisect the batch under savepoints, commit every item PostgreSQL takes and park each item it
@@ -16,6 +17,24 @@ Rules a lane keeps:
    interval, so they do not wake together nor with the worker's stats tick at the second; on stop, everything is
    flushed.
 5. Every statement has a timeout and the connection TCP keepalives: a half-open connection cannot hang a lane.
+   --flush-timeout bounds one transaction (rule 6 keeps an idempotent buffer's transactions small however large its
+   batch: one of 1.4M events took longer than the timeout, and was retried whole, forever).
+6. An idempotent buffer's batch of more than its `transaction_rows` is committed in parts (`FlushBuffer.parts`, cut
+   once, the same on every attempt), one transaction each, the ledger row with the last part only. A failed part is
+   retried as rule 2 says (bisection within that part) from the first part not committed. Why this stays exact:
+   a. Writing an idempotent buffer's item again stores nothing twice, and whatever else its write does (rollups,
+      user numbers) is derived from the rows it inserted in its own transaction: a committed part written again adds
+      nothing. Dead letters are parked once per (writer, seq, item).
+   b. Recovery is unchanged: the ledger holds (writer, seq) only once the last part committed, so after every part
+      did. A journal region without it is replayed whole (parts that had committed add nothing, by a); one with it
+      was written whole.
+   c. What a buffer derives in memory (counters, caches of committed values) is applied per transaction, only once
+      the lane knows it committed (`transaction_ended`). A COMMIT that got no answer is settled before its part is
+      written again: by the ledger row for the last part (rule 1), by txid_status() of the attempt's transaction for
+      the others.
+   d. Each part's write takes its row locks in key order (sorted in SQL) and holds them to its own COMMIT only, so
+      parts, unlike bisection's halves in one transaction, need no order between them: they are cut in arrival order
+      (sorting a batch of 1M events in Python holds the event loop ~2.5 s).
 What the rows mean is each buffer's business (fastcount/features/base.py).
 """
 
@@ -43,11 +62,18 @@ log = logging.getLogger(__name__)
 
 LEDGER_PKEY = "fastcount_batches_pkey"
 RECORD_BATCH = "INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%s, %s, %s, %s)"
+# Once per (writer, seq, item): a part of a batch written again after a crash (rule 6) parks its refused items again.
 RECORD_DEAD_LETTER = """
     INSERT INTO fastcount_dead_letters (feature, writer, seq, item, sqlstate, error)
-    SELECT %s, %s, %s, item, %s, %s FROM unnest(%s::text[]) AS item
+    SELECT %(feature)s, %(writer)s, %(seq)s, refused.item, %(sqlstate)s, %(error)s
+    FROM unnest(%(items)s::text[]) AS refused(item)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM fastcount_dead_letters d WHERE d.writer = %(writer)s AND d.seq = %(seq)s AND d.item = refused.item
+    )
 """
 PRUNE_OWN_BATCHES = "DELETE FROM fastcount_batches WHERE writer = %s AND seq < %s"
+TRANSACTION_ID = "SELECT txid_current()"
+TRANSACTION_STATUS = "SELECT txid_status(%s)"  # committed, aborted, in progress, or NULL (too old to tell)
 PRUNE_EVERY_SECONDS = 60.0
 PING_WHEN_IDLE_FOR = 5.0  # seconds: an idle lane checks its connection, so `connected` means reachable
 RETRY_FIRST_DELAY = 0.1
@@ -64,6 +90,19 @@ def is_permanent(error: BaseException) -> bool:
     return isinstance(error, psycopg.DataError | psycopg.IntegrityError)
 
 
+class OutcomePending(Exception):
+    """An earlier attempt's transaction, whose COMMIT got no answer, is still running: try again later."""
+
+
+@dataclass
+class Doubt:
+    """An attempt at a part whose COMMIT got no answer (yet): what it wrote, and how to tell whether it committed."""
+
+    xid: int | None  # its transaction, for a part without the ledger row (the ledger row tells for the last part)
+    rows: int
+    parked: int
+
+
 @dataclass
 class InFlight:
     writer: str  # the ledger identity: this worker's, or a dead worker's for a batch recovered from its journal
@@ -71,6 +110,10 @@ class InFlight:
     batch: Any
     rows: int
     units: int
+    parts: list[Any] | None = None  # the batch as the transactions it is committed in (rule 6), from its first write
+    committed_parts: int = 0
+    doubt: Doubt | None = None  # the attempt at parts[committed_parts] whose outcome is not known
+    seconds: float = 0.0  # time the committed parts took, retries excluded
 
 
 def writer_identity(slot: int) -> str:
@@ -179,16 +222,49 @@ class Lane:
         self.pass_started = time.monotonic()
 
     async def _write(self, in_flight: InFlight) -> bool:
+        """Commit the batch, part after part from the first not committed yet; False when a part failed (the lane
+        retries later)."""
+        if in_flight.parts is None:
+            in_flight.parts = await self._parts(in_flight)
+        while in_flight.committed_parts < len(in_flight.parts):
+            if not await self._write_part(in_flight, in_flight.parts):
+                return False
+        stats = self.flusher.stats
+        stats.flushes += 1
+        stats.flush_seconds_of(self.buffer.name).observe(in_flight.seconds)
+        stats.flush_keys.observe(in_flight.rows)
+        return True
+
+    async def _parts(self, in_flight: InFlight) -> list[Any]:
+        buffer = self.buffer
+        if not buffer.idempotent or not 0 < buffer.transaction_rows < in_flight.rows:
+            return [in_flight.batch]
+        parts = []
+        for part in buffer.parts(in_flight.batch, buffer.transaction_rows):
+            parts.append(part)
+            await asyncio.sleep(0)  # a part of 50,000 events takes a few ms to build
+        log.info(
+            "event=flush_in_parts writer=%s seq=%d rows=%d parts=%d", in_flight.writer, in_flight.seq, in_flight.rows,
+            len(parts),
+        )  # fmt: skip
+        return parts or [in_flight.batch]
+
+    async def _write_part(self, in_flight: InFlight, parts: list[Any]) -> bool:
         flusher = self.flusher
+        index = in_flight.committed_parts
         started = time.perf_counter()
         try:
             async with asyncio.timeout(flusher.flush_timeout + 5):  # the statement timeout's backstop
                 conn = await self._connection()
-                rows, parked = await self._commit(conn, in_flight)
+                rows, parked = await self._commit(conn, in_flight, parts[index], index == len(parts) - 1)
             if flusher.drop_after_commits > 0:
                 flusher.drop_after_commits -= 1
                 raise psycopg.OperationalError("injected failure: connection lost after COMMIT")
-        except (psycopg.Error, OSError, TimeoutError) as error:
+        except BaseException as error:
+            if in_flight.doubt is None:  # it did not reach COMMIT: rolled back
+                self.buffer.transaction_ended(False)
+            if not isinstance(error, psycopg.Error | OSError | TimeoutError | OutcomePending):
+                raise
             await self._close()
             flusher.stats.flush_errors += 1
             if self.failing_since is None:
@@ -196,38 +272,52 @@ class Lane:
             self.retry_delay = min(RETRY_MAX_DELAY, max(RETRY_FIRST_DELAY, self.retry_delay * 2))
             flusher.stats.flush_retries += 1
             log.warning(
-                "event=flush_failed writer=%s seq=%d rows=%d retry_in=%.1fs error=%r",
+                "event=flush_failed writer=%s seq=%d rows=%d part=%d/%d retry_in=%.1fs error=%r",
                 in_flight.writer,
                 in_flight.seq,
                 in_flight.rows,
+                index + 1,
+                len(parts),
                 self.retry_delay,
                 str(error).strip() or type(error).__name__,
             )
             return False
+        in_flight.doubt = None
+        self.buffer.transaction_ended(True)
+        in_flight.committed_parts += 1
+        in_flight.seconds += time.perf_counter() - started
         if self.failing_since is not None:
             log.info("event=flush_recovered writer=%s after=%.1fs", self.writer, time.monotonic() - self.failing_since)
         self.failing_since = None
         self.retry_delay = 0.0
         self.last_used = time.monotonic()
-        stats = flusher.stats
-        stats.flushes += 1
-        stats.flushed_rows += rows
-        stats.flush_seconds_of(self.buffer.name).observe(time.perf_counter() - started)
-        stats.flush_keys.observe(in_flight.rows)
+        flusher.stats.flushed_rows += rows
         if parked:
-            stats.dead_letters += parked
+            flusher.stats.dead_letters += parked
         return True
 
-    async def _commit(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight) -> tuple[int, int]:
-        """One transaction: the ledger row and the batch. (rows written, units parked as dead letters)."""
+    async def _commit(
+        self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, part: Any, last: bool
+    ) -> tuple[int, int]:
+        """One transaction: a part of the batch (the whole batch, unless rule 6 cut it), and the ledger row with the
+        last part. (rows written, units parked as dead letters)."""
+        doubt = in_flight.doubt
+        if doubt is not None and not last:
+            if await self._committed(conn, in_flight, doubt):
+                return doubt.rows, doubt.parked
+            self._forget(in_flight)
         try:
             async with conn.transaction():
-                await self._record(conn, in_flight)
-                return await self.buffer.write(conn, in_flight.batch), 0
+                xid = await self._begin(conn, in_flight, last)
+                rows = await self.buffer.write(conn, part)
+                in_flight.doubt = Doubt(xid, rows, 0)  # from here until COMMIT answers, the outcome is unknown
+            return rows, 0
         except (psycopg.DataError, psycopg.IntegrityError) as error:
             if not is_permanent(error):  # the ledger's own key: this very batch committed before
                 log.warning("event=batch_already_committed writer=%s seq=%d", in_flight.writer, in_flight.seq)
-                return 0, 0
+                doubt = in_flight.doubt  # an attempt of ours, if its COMMIT got no answer: what it wrote
+                return (doubt.rows, doubt.parked) if doubt is not None else (0, 0)
+        self.buffer.transaction_ended(False)
         # PostgreSQL refused some of the data. Again, in one transaction, item by item where it must.
         log.warning(
             "event=flush_refused writer=%s seq=%d rows=%d action=isolate",
@@ -236,8 +326,47 @@ class Lane:
             in_flight.rows,
         )
         async with conn.transaction():
+            xid = await self._begin(conn, in_flight, last)
+            rows, parked = await self._write_isolating(conn, in_flight, part)
+            in_flight.doubt = Doubt(xid, rows, parked)
+        return rows, parked
+
+    async def _begin(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, last: bool) -> int | None:
+        """A part's transaction starts with the batch's ledger row if it is the last part (which also settles an
+        earlier attempt in doubt: had that committed, the row would be there), else by naming its transaction id,
+        by which a doubt about this attempt is settled."""
+        if last:
             await self._record(conn, in_flight)
-            return await self._write_isolating(conn, in_flight, in_flight.batch)
+            if in_flight.doubt is not None:
+                self._forget(in_flight)
+            return None
+        row = await (await conn.execute(TRANSACTION_ID)).fetchone()
+        return int(row[0]) if row else None
+
+    async def _committed(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, doubt: Doubt) -> bool:
+        """Whether the attempt in doubt committed; OutcomePending while its transaction still runs."""
+        status = None
+        if doubt.xid is not None:
+            row = await (await conn.execute(TRANSACTION_STATUS, (doubt.xid,))).fetchone()
+            status = row[0] if row else None
+        if status == "in progress":
+            raise OutcomePending(f"the transaction {doubt.xid} of an earlier attempt is still in progress")
+        if status == "committed":
+            log.warning(
+                "event=part_already_committed writer=%s seq=%d part=%d", in_flight.writer, in_flight.seq,
+                in_flight.committed_parts + 1,
+            )  # fmt: skip
+            return True
+        if status is None:  # cannot be told: written again, which stores nothing twice (rule 6)
+            log.warning(
+                "event=part_outcome_unknown writer=%s seq=%d xid=%s", in_flight.writer, in_flight.seq, doubt.xid
+            )
+        return False
+
+    def _forget(self, in_flight: InFlight) -> None:
+        """The attempt in doubt did not commit: what the buffer derived from its writes goes."""
+        in_flight.doubt = None
+        self.buffer.transaction_ended(False)
 
     async def _record(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight) -> None:
         await conn.execute(RECORD_BATCH, (in_flight.writer, in_flight.seq, in_flight.rows, in_flight.units))
@@ -268,7 +397,15 @@ class Lane:
         sqlstate = error.sqlstate or ""
         message = str(error).strip() or type(error).__name__
         await conn.execute(
-            RECORD_DEAD_LETTER, (self.buffer.name, in_flight.writer, in_flight.seq, sqlstate, message, items)
+            RECORD_DEAD_LETTER,
+            {
+                "feature": self.buffer.name,
+                "writer": in_flight.writer,
+                "seq": in_flight.seq,
+                "sqlstate": sqlstate,
+                "error": message,
+                "items": items,
+            },
         )
         units = self.buffer.dead_letter_units(batch)
         log.error(

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -55,7 +56,12 @@ class EventsSettings:
     events_retention: int = knob(
         90, "days of events kept: older timestamps are refused, older daily partitions dropped", minimum=1
     )
-    events_flush_max: int = knob(50_000, "pending events of a worker that trigger an early flush", minimum=1)
+    events_flush_max: int = knob(
+        50_000,
+        "pending events of a worker that trigger an early flush; also the most events one flush transaction writes"
+        " (a larger batch is committed in parts)",
+        minimum=1,
+    )
     events_max_body: int = knob(
         2**20,
         "largest POST /events body in bytes (a bulk array of up to 1,000 events); other routes keep --max-body",
@@ -83,8 +89,6 @@ EventKey = tuple[int, bytes]  # (UTC day of the timestamp, identity): the databa
 @dataclass
 class EventBatch:
     events: dict[EventKey, Event]  # (day, identity) -> canonical event: the first accepted of that key
-    own: bool  # taken from this worker's pending set (not replayed from a dead worker's journal)
-    adopted: bool = False  # a whole batch replayed from a dead worker's journal (not a part of one)
 
 
 class PendingEvents(FlushBuffer):
@@ -94,9 +98,13 @@ class PendingEvents(FlushBuffer):
 
     Journal codec: a record is a request body as accepted (an object or an array of accepted events only), or
     SNAPSHOT_MARK + a JSON array of every pending event. Replay checks everything again except the clock.
+
+    Idempotent (the flusher's rule 6): an event written twice is stored once, and rollups and user numbers are derived
+    from the rows a write inserted, so a batch of more than `flush_max` events is committed in parts of at most that.
     """
 
     name = "events"
+    idempotent = True
 
     def __init__(self, max_pending: int, flush_max: int, max_pending_bytes: int = 256 * 2**20) -> None:
         super().__init__()
@@ -107,15 +115,12 @@ class PendingEvents(FlushBuffer):
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.flush_max = flush_max
+        self.transaction_rows = flush_max
         self.accepted = 0  # counters for the worker's tick
         self.rejected = 0
         self.duplicates = 0
-        self.taken: EventBatch | None = None
-        self.batch_inserted = 0  # of `taken`, over the writes of its current attempt
-        # The adopted batch last written and what its current attempt inserted: its duplicates are counted once the
-        # flusher moved on from it (to another adopted batch, or to `take`), which it only does after its commit.
-        self.adopted: EventBatch | None = None
-        self.adopted_inserted = 0
+        # Events the writes of the flusher's current transaction found already stored, counted only once it committed.
+        self.transaction_duplicates = 0
 
     # -- the request path -------------------------------------------------------------------------------------------
 
@@ -190,47 +195,42 @@ class PendingEvents(FlushBuffer):
     # -- FlushBuffer ------------------------------------------------------------------------------------------------
 
     def take(self) -> EventBatch | None:
-        self._settle_adopted()
         if not self.pending:
             return None
-        batch = EventBatch(self.pending, own=True)
+        batch = EventBatch(self.pending)
         self.pending = {}
         self.unacknowledged = len(batch.events)
         self.unacknowledged_bytes, self.pending_bytes = self.pending_bytes, 0
-        self.taken = batch
         return batch
 
     def acknowledge(self) -> None:
-        taken, self.taken = self.taken, None
-        if taken is not None:
-            self.duplicates += len(taken.events) - self.batch_inserted
-        self.batch_inserted = 0
         self.unacknowledged = 0
         self.unacknowledged_bytes = 0
 
     def describe(self, batch: EventBatch) -> tuple[int, int]:
         return len(batch.events), len(batch.events)
 
-    def _settle_adopted(self) -> None:
-        adopted, self.adopted = self.adopted, None
-        if adopted is not None:
-            self.duplicates += len(adopted.events) - self.adopted_inserted
-        self.adopted_inserted = 0
-
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: EventBatch) -> int:
-        if batch is self.taken:  # a new attempt at the whole batch: forget what an earlier one did
-            self.batch_inserted = 0
-        elif batch.adopted:
-            if batch is not self.adopted:  # the flusher moved on: the previous adopted batch committed
-                self._settle_adopted()
-                self.adopted = batch
-            self.adopted_inserted = 0  # a new attempt at the whole batch
         inserted = await write_batch(conn, batch.events)
-        if batch.own:
-            self.batch_inserted += inserted
-        else:  # a replayed batch or a part of one: its events the database already held are counted as duplicates
-            self.adopted_inserted += inserted
+        # Events of a write PostgreSQL refused (and the lane parks) are not duplicates: only a write that returned.
+        self.transaction_duplicates += len(batch.events) - inserted
         return inserted
+
+    def transaction_ended(self, committed: bool) -> None:
+        if committed:  # own batches and dead workers' alike
+            self.duplicates += self.transaction_duplicates
+        self.transaction_duplicates = 0
+
+    def parts(self, batch: EventBatch, rows: int) -> Iterator[EventBatch]:
+        """Parts of equal size, in arrival order (each write sorts its rows in SQL; see the flusher's rule 6)."""
+        if len(batch.events) <= rows:
+            yield batch
+            return
+        count = -(-len(batch.events) // rows)
+        size = -(-len(batch.events) // count)
+        items = iter(batch.events.items())
+        for _ in range(count):
+            yield EventBatch(dict(islice(items, size)))
 
     def split(self, batch: EventBatch) -> list[EventBatch]:
         identities = sorted(batch.events)
@@ -238,7 +238,7 @@ class PendingEvents(FlushBuffer):
         if not middle:
             return [batch]
         halves = (identities[:middle], identities[middle:])
-        return [EventBatch({i: batch.events[i] for i in half}, batch.own) for half in halves]
+        return [EventBatch({i: batch.events[i] for i in half}) for half in halves]
 
     def dead_letters(self, batch: EventBatch) -> list[str]:
         return [orjson.dumps(event).decode() for _, event in sorted(batch.events.items())]
@@ -258,7 +258,7 @@ class PendingEvents(FlushBuffer):
                 continue
             for identity, event in parsed.accepted:  # first wins, as in add_one/add_many and in the database
                 events.setdefault((event["timestamp"] // DAY, identity), event)
-        return EventBatch(events, own=False, adopted=True)
+        return EventBatch(events)
 
 
 class EventsFeature(Feature):

@@ -1,10 +1,11 @@
 """The events tables (a public contract, see the README) and how one flushed batch is written to them.
 
-One batch, inside the flusher's transaction (with the ledger row): COPY the events as JSON parts into a session
-table, make sure the batch's daily partitions exist, insert the events into `events` ON CONFLICT DO NOTHING and keep
-what each inserted one adds to the rollups (duplicates of rows already stored, from any worker or instance, add
-nothing), give their new users numbers, and derive the rollups from those rows alone: counts are added and each
-bucket's bitmap of user numbers is widened. Per event, Python only writes JSON (orjson); the rest is SQL.
+One batch (or one part of a batch past --events-flush-max: the flusher's rule 6), inside the flusher's transaction:
+COPY the events as JSON parts into a session table, make sure the batch's daily partitions exist, insert the events
+into `events` ON CONFLICT DO NOTHING and keep what each inserted one adds to the rollups (duplicates of rows already
+stored, from any worker or instance, add nothing), give their new users numbers, and derive the rollups from those
+rows alone: counts are added and each bucket's bitmap of user numbers is widened. Written again, a batch stores
+nothing twice. Per event, Python only writes JSON (orjson); the rest is SQL.
 Locks are always taken in one order (events by (day, id), users by user_id, then the rollups' advisory lock), so
 flushers of any number of workers and instances never deadlock.
 

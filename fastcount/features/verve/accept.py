@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -118,9 +118,15 @@ def parse_endpoint(raw: bytes) -> str | None:
 
 class PendingIds(FlushBuffer):
     """This worker's ids and endpoints not yet in PostgreSQL, per window, and the sets that deduplicate them in the
-    current window. Bounded: past `max_pending` ids (pending plus the batch in retry) a new id gets 503."""
+    current window. Bounded: past `max_pending` ids (pending plus the batch in retry) a new id gets 503.
+
+    Idempotent (the flusher's rule 6): ids and endpoints are inserted ON CONFLICT DO NOTHING and nothing else is
+    derived from them in the transaction (reports count the ids later; duplicates are counted on the request path), so
+    a batch of more than `flush_max_keys` rows is committed in parts of at most that.
+    """
 
     name = "verve"
+    idempotent = True
 
     def __init__(self, window_seconds: int, max_pending: int, max_endpoints: int, flush_max_keys: int) -> None:
         super().__init__()
@@ -128,6 +134,7 @@ class PendingIds(FlushBuffer):
         self.max_pending = max_pending
         self.max_endpoints = max_endpoints
         self.flush_max_keys = flush_max_keys
+        self.transaction_rows = flush_max_keys
         self.pending_ids: dict[int, list[int]] = {}
         self.pending_endpoints: dict[int, list[str]] = {}
         self.pending_count = 0  # ids in pending_ids
@@ -273,6 +280,32 @@ class PendingIds(FlushBuffer):
             await conn.execute(INSERT_ENDPOINTS, (window, sorted(set(endpoints))))
             rows += len(endpoints)
         return rows
+
+    def parts(self, batch: Batch, rows: int) -> Iterator[Batch]:
+        """Parts of equal size (ids, then endpoints), in arrival order: list slices, nothing sorted here (each write
+        sorts in SQL; see the flusher's rule 6)."""
+        ids, endpoints = batch
+        total = sum(len(values) for values in ids.values()) + sum(len(values) for values in endpoints.values())
+        if total <= rows:
+            yield batch
+            return
+        size = -(-total // -(-total // rows))
+        lists: list[tuple[bool, int, list[Any]]] = [(True, window, values) for window, values in ids.items()]
+        lists += [(False, window, values) for window, values in endpoints.items()]
+        part: Batch = ({}, {})
+        room = size
+        for is_ids, window, values in lists:
+            start = 0
+            while start < len(values):
+                piece = values[start : start + room]
+                (part[0] if is_ids else part[1])[window] = piece
+                start += len(piece)
+                room -= len(piece)
+                if not room:
+                    yield part
+                    part, room = ({}, {}), size
+        if part[0] or part[1]:
+            yield part
 
     def split(self, batch: Batch) -> list[Batch]:
         # In (window, id) order, so that the halves, written one after the other in one transaction, still insert in

@@ -1,0 +1,383 @@
+"""A batch of an idempotent buffer larger than its bound is committed in parts, one transaction each, the ledger row
+with the last (flusher.py, rule 6): exact totals and unique users, retries from the first part not committed,
+counters and caches that learn only from committed transactions, a batch whose one transaction would pass
+--flush-timeout, and a worker SIGKILLed between parts."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import random
+import re
+import signal
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from fastcount.features.base import FlushBuffer
+from fastcount.features.events import PendingEvents
+from fastcount.features.events.query import parse_query, run_query
+from fastcount.features.events.validation import Clock, check_event
+from fastcount.features.verve.accept import PendingIds
+from fastcount.observability.stats import WorkerStats
+from fastcount.store.flusher import Doubt, Flusher, InFlight
+
+from conftest import Database, StartServer, wait_until
+from events_support import expected, metrics
+
+HOUR = 3600
+DAY = 86400
+CHANNELS = ("web", "api", "mobile_app")
+
+
+def events_of(prefix: str, count: int, seed: int) -> list[dict[str, object]]:
+    """`count` events over 30 hours and three channels; users grow along the list (each part brings new ones) and
+    come back (so unique users are fewer than events in every group)."""
+    rng = random.Random(seed)
+    now = int(time.time())
+    return [
+        {"event_name": prefix + "view", "channel": rng.choice(CHANNELS),
+         "user_id": f"{prefix}u{i // 5 - rng.randrange(3)}", "timestamp": now - 60 - rng.randrange(30 * HOUR),
+         "event_id": f"{prefix}e{i}"}
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def accept(buffer: PendingEvents, events: list[dict[str, object]]) -> None:
+    clock = Clock(int(time.time()), 5.0, 90 * DAY)
+    for start in range(0, len(events), 500):
+        chunk = events[start : start + 500]
+        assert buffer.add_many([check_event(event, clock) for event in chunk], orjson.dumps(chunk)) is None
+
+
+async def flush(buffer: FlushBuffer, database: Database, writer: str, drop_after_commits: int = 0) -> WorkerStats:
+    stats = WorkerStats()
+    flusher = Flusher(database.dsn, [buffer], 0.1, writer, stats)
+    flusher.drop_after_commits = drop_after_commits
+    flusher.start()
+    await flusher.stop()  # flushes everything
+    return stats
+
+
+async def answers(database: Database, name: str) -> list[dict[str, object]]:
+    """GET /metrics' answers (whole, by channel, by hour) from what PostgreSQL holds."""
+    now = int(time.time())
+    found = []
+    async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as conn:
+        for group_by in ("", "&group_by=channel", "&group_by=hour"):
+            query = f"event_name={name}&from={now - 2 * DAY}&to={now + 1}{group_by}".encode()
+            found.append(await run_query(conn, parse_query(query, now)))
+    return found
+
+
+def expected_answers(events: list[dict[str, object]], name: str) -> list[dict[str, object]]:
+    now = int(time.time())
+    return [expected(events, name, now - 2 * DAY, now + 1, group_by=group) for group in ("", "channel", "hour")]
+
+
+def transactions_of(database: Database, name: str) -> dict[str, str]:
+    """event_id -> the transaction (xmin) that inserted its row."""
+    rows = database.query("SELECT event_id, xmin::text FROM events WHERE event_name = %s", (name,))
+    return {str(event_id): str(xmin) for event_id, xmin in rows}
+
+
+def test_a_batch_past_the_bound_commits_in_parts_with_exact_totals_users_and_one_ledger_row(
+    database: Database, prefix: str
+) -> None:
+    name = prefix + "view"
+    events = events_of(prefix, 1200, seed=1)
+    stored_before = events[::20]  # 60 of them, one in each part: stored by another worker first
+
+    async def scenario() -> tuple[PendingEvents, WorkerStats, list[dict[str, object]]]:
+        other = PendingEvents(max_pending=10_000, flush_max=10_000)
+        accept(other, stored_before)
+        await flush(other, database, f"other/{prefix}")
+        buffer = PendingEvents(max_pending=10_000, flush_max=100)
+        accept(buffer, events)
+        stats = await flush(buffer, database, f"test/{prefix}")
+        return buffer, stats, await answers(database, name)
+
+    buffer, stats, found = asyncio.run(scenario())
+    assert found == expected_answers(events, name)
+    assert found[0]["total_events"] == 1200 and found[0]["unique_users"] < 300  # type: ignore[operator]
+    assert database.query("SELECT sum(total) FROM event_rollups WHERE event_name = %s", (name,)) == [(1200,)]
+    transactions = transactions_of(database, name)
+    assert len(transactions) == 1200
+    mine = {xmin for event_id, xmin in transactions.items() if int(event_id.rsplit("e", 1)[1]) % 20}
+    assert len(mine) == 12, "1,200 events in parts of at most 100: twelve transactions"
+    ledger = database.query(
+        "SELECT seq, xmin::text FROM fastcount_batches WHERE writer = %s", (f"test/{prefix}/events",)
+    )
+    assert ledger == [(1, transactions[f"{prefix}e1199"])], "one ledger row, committed with the last part"
+    assert transactions[f"{prefix}e1"] != transactions[f"{prefix}e1199"]
+    assert buffer.duplicates == 60, "the events another worker had stored"
+    assert (stats.flushes, stats.flushed_rows, stats.flush_errors) == (1, 1140, 0)
+
+
+class RolledBackOnce(PendingEvents):
+    """Events whose `fail_at`-th write raises after writing (events inserted, users numbered): its transaction rolls
+    back."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(max_pending=10_000, flush_max=100)
+        self.fail_at = fail_at
+        self.writes = 0
+
+    async def write(self, conn: psycopg.AsyncConnection[Any], batch: Any) -> int:
+        inserted = await super().write(conn, batch)
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise psycopg.OperationalError("injected: connection lost before COMMIT")
+        return inserted
+
+
+def test_failures_between_and_within_parts_resume_and_count_duplicates_as_committed(
+    database: Database, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = prefix + "view"
+    events = events_of(prefix, 600, seed=2)
+    stored_before = events[::10]  # 60, spread over the six parts
+
+    async def scenario() -> tuple[RolledBackOnce, WorkerStats, list[dict[str, object]]]:
+        other = PendingEvents(max_pending=10_000, flush_max=10_000)
+        accept(other, stored_before)
+        await flush(other, database, f"other/{prefix}")
+        # Part 1 commits and its connection drops (the lane cannot know it committed); part 3's first attempt gives
+        # user numbers, then fails before COMMIT.
+        buffer = RolledBackOnce(fail_at=3)
+        accept(buffer, events)
+        stats = await flush(buffer, database, f"test/{prefix}", drop_after_commits=1)
+        return buffer, stats, await answers(database, name)
+
+    buffer, stats, found = asyncio.run(scenario())
+    assert buffer.duplicates == 60, "the events stored before, and nothing of part 1 (it had committed)"
+    assert found == expected_answers(events, name)
+    assert database.query("SELECT count(*), count(DISTINCT id) FROM events WHERE event_name = %s", (name,)) == [
+        (600, 600)
+    ]
+    assert database.query("SELECT sum(total) FROM event_rollups WHERE event_name = %s", (name,)) == [(600,)]
+    assert len(set(transactions_of(database, name).values())) == 7, "six parts, and the events stored before"
+    assert database.query("SELECT count(*) FROM fastcount_batches WHERE writer = %s", (f"test/{prefix}/events",)) == [
+        (1,)
+    ]
+    assert "event=part_already_committed" in caplog.text, "part 1's outcome was found out, not guessed"
+    assert stats.flush_errors == 2
+
+
+class IdempotentRows(FlushBuffer):
+    """Items of a table keyed by them, in parts of `transaction_rows`; its one INSERT statement sleeps `sleep`
+    seconds a row in PostgreSQL."""
+
+    name = "rows"
+    idempotent = True
+
+    def __init__(self, table: str, transaction_rows: int, sleep: float = 0.0) -> None:
+        super().__init__()
+        self.table = table
+        self.transaction_rows = transaction_rows
+        self.sleep = sleep
+        self.pending: list[str] = []
+
+    def take(self) -> list[str] | None:
+        batch, self.pending = self.pending, []
+        return batch or None
+
+    def describe(self, batch: list[str]) -> tuple[int, int]:
+        return len(batch), len(batch)
+
+    async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
+        cursor = await conn.execute(
+            f"INSERT INTO {self.table} (item) SELECT item FROM unnest(%s::text[]) AS item"
+            " WHERE pg_sleep(%s)::text = '' ORDER BY item ON CONFLICT DO NOTHING",
+            (batch, self.sleep),
+        )
+        return cursor.rowcount
+
+    def parts(self, batch: list[str], rows: int) -> Iterator[list[str]]:
+        for start in range(0, len(batch), rows):
+            yield batch[start : start + rows]
+
+    def split(self, batch: list[str]) -> list[list[str]]:
+        middle = len(batch) // 2
+        return [batch[:middle], batch[middle:]] if middle else [batch]
+
+    def dead_letters(self, batch: list[str]) -> list[str]:
+        return [json.dumps(item) for item in batch]
+
+    def snapshot(self) -> bytes:
+        return "\n".join(self.pending).encode()
+
+    def replay(self, records: Sequence[bytes]) -> list[str]:
+        return [line for record in records for line in record.decode().split("\n")]
+
+
+def test_a_batch_whose_one_transaction_would_pass_the_flush_timeout_commits_in_parts(
+    database: Database, prefix: str
+) -> None:
+    table = "test_slow_" + prefix.strip("-")
+    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
+    items = [f"{prefix}{i:03d}" for i in range(300)]
+
+    async def scenario() -> None:
+        # 10 ms a row in one INSERT: the whole batch would be one statement of 3 s, past a 1 s --flush-timeout; its
+        # parts of 10 rows take 0.1 s each.
+        buffer = IdempotentRows(table, transaction_rows=10, sleep=0.01)
+        buffer.pending = list(items)
+        flusher = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", WorkerStats(), flush_timeout=1)
+        lane = flusher.lanes["rows"]
+        deadline = time.monotonic() + 120  # only bounds a broken run: the whole batch times out again and again
+        try:
+            while (await lane.flush_once())[1] or lane.in_flight is not None:
+                assert time.monotonic() < deadline, "the batch never committed"
+        finally:
+            await lane._close()
+
+    asyncio.run(scenario())
+    rows = database.query(f"SELECT item, xmin::text FROM {table}")
+    assert sorted(str(item) for item, _ in rows) == items
+    assert len({xmin for _, xmin in rows}) == 30
+    assert database.query("SELECT count(*) FROM fastcount_batches WHERE writer = %s", (f"test/{prefix}/rows",)) == [
+        (1,)
+    ]
+
+
+def test_sigkill_between_parts_of_a_batch_loses_nothing_and_doubles_nothing(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    name = prefix + "view"
+    events = events_of(prefix, 200, seed=3)
+    # One worker, one bulk of 200 events: one batch, four parts of 50 (in the array's order). A row of the 131st
+    # event's key, inserted and not committed by the test, holds part 3 inside its INSERT.
+    server = start_server("--flush-interval", "600", "--events-flush-max", "50")
+    held_identity, held = check_event(events[130], Clock(int(time.time()), 5.0, 90 * DAY))
+    day = int(held["timestamp"]) // DAY
+    database.query("SELECT fastcount_events_partition(date '1970-01-01' + %s)", (day,))
+    with psycopg.connect(database.dsn) as blocker:
+        blocker.execute(
+            "INSERT INTO events (day, id, ts, event_name, channel, user_id)"
+            " VALUES (date '1970-01-01' + %s, %s, to_timestamp(%s), %s, 'web', 'nobody')",
+            (day, uuid.UUID(bytes=held_identity), held["timestamp"], name),
+        )
+        row = blocker.execute("SELECT txid_current() % (2^32)::bigint").fetchone()
+        assert row is not None
+        blocker_xid = int(row[0])
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/events", body=json.dumps(events).encode())
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (202, {"accepted": 200, "rejected": []})
+        conn.close()
+        server.wait_for_log(r"event=flush_in_parts .* rows=200 parts=4")
+
+        def held_in_part_3() -> bool:
+            waiting = database.query(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+                " AND transactionid::text::bigint = %s",
+                (blocker_xid,),
+            )
+            return bool(waiting) and len(transactions_of(database, name)) == 100
+
+        wait_until(held_in_part_3, "parts 1 and 2 committed, part 3 waits")
+        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        blocker.rollback()
+    server.wait_for_log(r"event=journals_recovered", timeout=90)  # once the killed worker's backend gave up
+    recovered = re.search(r"event=journal_recovered writer=(\S+/events) seq=(\d+) rows=200", server.log)
+    assert recovered, server.log
+    assert server.stop() == 0
+    transactions = transactions_of(database, name)
+    assert len(transactions) == 200
+    assert database.query("SELECT count(*) FROM events WHERE event_name = %s AND user_id = 'nobody'", (name,)) == [(0,)]
+    assert database.query("SELECT sum(total) FROM event_rollups WHERE event_name = %s", (name,)) == [(200,)]
+    assert database.query(
+        "SELECT count(*) FROM fastcount_batches WHERE writer = %s AND seq = %s", (recovered[1], int(recovered[2]))
+    ) == [(1,)]
+    reader = start_server()
+    now = int(time.time())
+    for group_by in ("", "channel", "hour"):
+        params: dict[str, object] = {"event_name": name, "from": now - 2 * DAY, "to": now + 1}
+        if group_by:
+            params["group_by"] = group_by
+        assert metrics(reader.port, **params) == expected(events, name, now - 2 * DAY, now + 1, group_by=group_by)
+
+
+def test_verve_ids_and_endpoints_past_the_bound_commit_in_parts_each_once(database: Database, prefix: str) -> None:
+    # Windows of a day, years ago (ids of this test alone); ids come back across windows and within one.
+    window = (int(time.time()) // DAY - 2000 - random.Random(prefix).randrange(10_000)) * DAY
+    ids = PendingIds(DAY, 10_000, 10, flush_max_keys=40)
+    sent: dict[int, set[int]] = {}
+    endpoints: dict[int, set[str]] = {}
+    for i in range(250):
+        start = window + (i // 100) * DAY
+        ident, endpoint = i % 170, (f"http://{prefix}.example/{i % 4}" if i % 50 == 0 else None)
+        assert ids.add(ident, endpoint, start + 1).status == 200
+        sent.setdefault(start, set()).add(ident)
+        if endpoint:
+            endpoints.setdefault(start, set()).add(endpoint)
+    batch = ({w: list(values) for w, values in ids.pending_ids.items()}, dict(ids.pending_endpoints))
+    rows, _ = ids.describe(batch)
+    parts = list(ids.parts(batch, 40))
+    assert len(parts) == -(-rows // 40) and all(ids.describe(part)[0] <= 40 for part in parts)
+    flushed = {(w, i) for part in parts for w, values in part[0].items() for i in values}
+    assert flushed == {(w, i) for w, values in batch[0].items() for i in values}
+
+    asyncio.run(flush(ids, database, f"test/{prefix}"))
+    stored = database.query(
+        "SELECT window_start, id, xmin::text FROM verve_ids WHERE window_start BETWEEN %s AND %s",
+        (window, window + 2 * DAY),
+    )
+    assert {(int(w), int(i)) for w, i, _ in stored} == {(w, i) for w, values in sent.items() for i in values}  # type: ignore[call-overload]
+    assert len({xmin for _, _, xmin in stored}) == len(parts)
+    stored_endpoints = database.query(
+        "SELECT window_start, endpoint FROM verve_endpoints WHERE window_start BETWEEN %s AND %s",
+        (window, window + 2 * DAY),
+    )
+    assert {(int(w), str(e)) for w, e in stored_endpoints} == {  # type: ignore[call-overload]
+        (w, e) for w, values in endpoints.items() for e in values
+    }
+    assert database.query("SELECT count(*) FROM fastcount_batches WHERE writer = %s", (f"test/{prefix}/verve",)) == [
+        (1,)
+    ]
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_part_in_doubt_is_settled_by_its_transaction_and_never_guessed_while_it_runs(
+    database: Database, prefix: str, outcome: str
+) -> None:
+    # The first part's attempt "got no answer to its COMMIT": its transaction is the test's, still open, holding
+    # items a and b. While it runs the lane does not guess (nor write the part again); then it follows the outcome.
+    table = "test_doubt_" + prefix.strip("-")
+    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
+    items = ["a", "b", "c", "d"]
+
+    async def scenario() -> None:
+        buffer = IdempotentRows(table, transaction_rows=2)
+        flusher = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", WorkerStats(), flush_timeout=1)
+        lane = flusher.lanes["rows"]
+        attempt = await psycopg.AsyncConnection.connect(database.dsn)
+        try:
+            await attempt.execute(f"INSERT INTO {table} (item) VALUES ('a'), ('b')")
+            row = await (await attempt.execute("SELECT txid_current()")).fetchone()
+            assert row is not None
+            in_flight = InFlight(lane.writer, 1, items, 4, 4, parts=[["a", "b"], ["c", "d"]])
+            in_flight.doubt = Doubt(int(row[0]), 2, 0)
+            assert not await lane._write(in_flight), "its transaction is still in progress"
+            assert (in_flight.committed_parts, in_flight.doubt is not None) == (0, True)
+            await (attempt.commit() if outcome == "commit" else attempt.rollback())
+            assert await lane._write(in_flight)
+        finally:
+            await attempt.close()
+            await lane._close()
+        writers = dict(database.query(f"SELECT item, xmin::text FROM {table}"))
+        assert sorted(writers) == items
+        first_part_by_attempt = writers["a"] == writers["b"] == str(row[0])
+        assert first_part_by_attempt == (outcome == "commit"), "written again only when the attempt rolled back"
+        ledger = database.query("SELECT xmin::text FROM fastcount_batches WHERE writer = %s", (lane.writer,))
+        assert ledger == [(writers["c"],)]
+
+    asyncio.run(scenario())
