@@ -97,7 +97,7 @@ def test_read_counter_and_health(start_server: StartServer, prefix: str) -> None
     request(server.port, "POST", "/increment", {"key": key, "value": 41})
     request(server.port, "POST", "/increment", {"key": key, "value": 1})
     deadline = time.monotonic() + 5
-    while True:  # the two requests may have gone to two workers, which flush on their own: wait for both
+    while True:  # a flush may fall between the two requests, so the first read may hold only the first: wait for both
         status, _, body = request(server.port, "GET", "/counters/" + urllib.parse.quote(key, safe=""))
         if (status == 200 and json.loads(body)["value"] == 42) or time.monotonic() > deadline:
             break
