@@ -9,6 +9,7 @@ from fastcount.features.events.query import InvalidQuery, parse_query, raw_range
 from fastcount.features.events.validation import (
     MAX_BULK,
     MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
     MAX_TAGS,
     Clock,
     InvalidEvent,
@@ -24,6 +25,14 @@ def event(**changes: object) -> dict[str, object]:
     base: dict[str, object] = {"event_name": "signup", "channel": "web", "user_id": "u1", "timestamp": NOW - 10}
     base.update(changes)
     return {key: value for key, value in base.items() if value is not ...}
+
+
+def nested(levels: int) -> dict[str, object]:
+    """An object `levels` deep: objects and arrays in turn."""
+    value: object = 1
+    for level in range(levels - 1):
+        value = [value] if level % 2 == 0 else {"k": value}
+    return {"k": value}
 
 
 @pytest.mark.parametrize(
@@ -60,6 +69,12 @@ def event(**changes: object) -> dict[str, object]:
         (event(metadata={"k": "v" * MAX_METADATA_BYTES}), f"'metadata' must be at most {MAX_METADATA_BYTES} bytes"),
         (event(metadata={"k": {"deep": ["x\x00"]}}), "'metadata' must hold no NUL"),
         (event(metadata={"k\x00": 1}), "'metadata' must hold no NUL"),
+        (
+            event(metadata=nested(MAX_METADATA_DEPTH + 1)),
+            f"'metadata' must nest objects and arrays at most {MAX_METADATA_DEPTH}",
+        ),
+        (event(metadata=nested(252)), f"'metadata' must nest objects and arrays at most {MAX_METADATA_DEPTH}"),
+        (event(metadata=nested(300)), f"'metadata' must nest objects and arrays at most {MAX_METADATA_DEPTH}"),
         (event(color="red"), "unknown field 'color'"),
         ([event()], "an event must be a JSON object"),
     ],
@@ -84,6 +99,8 @@ def test_limits_themselves_are_accepted() -> None:
     check_event(event(timestamp=NOW - 90 * 86400), CLOCK)
     check_event(event(campaign_id=None, tags=None, metadata=None, event_id=None), CLOCK)
     check_event(event(metadata={"text": "a backslash-u0000 in text: \\u0000"}), CLOCK)
+    check_event(event(metadata=nested(MAX_METADATA_DEPTH)), CLOCK)
+    check_event(event(metadata={"brackets in text": "[[[[{{{{" * 10}), CLOCK)  # counted, then measured: 1 level
 
 
 def test_identity_is_canonical_and_event_id_wins() -> None:

@@ -121,6 +121,39 @@ def test_a_batch_past_the_bound_commits_in_parts_with_exact_totals_users_and_one
     assert (stats.flushes, stats.flushed_rows, stats.flush_errors) == (1, 1140, 0)
 
 
+def test_events_postgresql_refuses_are_parked_alone_and_the_rollups_stay_exact(database: Database, prefix: str) -> None:
+    """The bisection of a refused batch writes several halves in one transaction, under savepoints: each write must
+    start from empty staging tables, or a half would insert (and count in the rollups) rows of another."""
+    name = prefix + "view"
+    events = events_of(prefix, 400, seed=3)
+    # Events PostgreSQL refuses (as if validation had let them through): a NUL in a string, in metadata, and tags
+    # that are not an array. Same name and hours as the others, so a mistake would show in their rollups.
+    poisons = [{"user_id": "bad\x00user"}, {"metadata": {"k": "v\x00"}}, {"tags": "not-an-array"}]
+
+    async def scenario() -> tuple[PendingEvents, WorkerStats, list[dict[str, object]]]:
+        other = PendingEvents(max_pending=10_000, flush_max=10_000)
+        accept(other, events[:150])  # stored first: duplicates in the refused batch
+        await flush(other, database, f"other/{prefix}")
+        buffer = PendingEvents(max_pending=10_000, flush_max=10_000)
+        accept(buffer, events)
+        for number, poison in enumerate(poisons):
+            event = {**events[100 * number + 50], "event_id": f"{prefix}poison{number}", **poison}
+            buffer.pending[(int(event["timestamp"]) // DAY, bytes([number + 1]) * 16)] = event  # type: ignore[call-overload]
+        stats = await flush(buffer, database, f"test/{prefix}")
+        return buffer, stats, await answers(database, name)
+
+    buffer, stats, found = asyncio.run(scenario())
+    assert found == expected_answers(events, name)
+    assert database.query("SELECT count(*) FROM events WHERE event_name = %s", (name,)) == [(400,)]
+    assert database.query("SELECT sum(total) FROM event_rollups WHERE event_name = %s", (name,)) == [(400,)]
+    parked = database.query(
+        "SELECT item FROM fastcount_dead_letters WHERE writer = %s ORDER BY item", (f"test/{prefix}/events",)
+    )
+    assert sorted(orjson.loads(str(item))["event_id"] for (item,) in parked) == [f"{prefix}poison{n}" for n in range(3)]
+    assert stats.dead_letters == 3
+    assert buffer.duplicates == 150
+
+
 class RolledBackOnce(PendingEvents):
     """Events whose `fail_at`-th write raises after writing (events inserted, users numbered): its transaction rolls
     back."""

@@ -26,6 +26,9 @@ MAX_EVENT_ID_BYTES = 128
 MAX_TAGS = 32
 MAX_TAG_BYTES = 64
 MAX_METADATA_BYTES = 4096  # the object as compact JSON
+# Objects and arrays nested in each other, the metadata object itself included. orjson encodes at most ~254 levels,
+# and the flush nests an event two levels deeper than here: a deeper event would be accepted and never written.
+MAX_METADATA_DEPTH = 32
 MAX_BULK = 1000
 
 REQUIRED = (
@@ -66,6 +69,14 @@ def _string(value: object, field: str, limit: int) -> str:
     if "\x00" in value:
         raise InvalidEvent(f"'{field}' must not contain NUL (U+0000): PostgreSQL cannot store it")
     return value
+
+
+def _depth(value: object) -> int:
+    if type(value) is dict:
+        return 1 + max(map(_depth, value.values()), default=0)
+    if type(value) is list:
+        return 1 + max(map(_depth, value), default=0)
+    return 0
 
 
 def _holds_nul(value: object) -> bool:
@@ -122,7 +133,16 @@ def check_event(item: object, clock: Clock) -> tuple[bytes, Event]:
     if metadata is not None:
         if type(metadata) is not dict:
             raise InvalidEvent("'metadata' must be an object")
-        encoded = orjson.dumps(metadata)
+        try:
+            encoded = orjson.dumps(metadata)
+        except TypeError:  # nested past orjson's own limit
+            encoded = b""
+        # Each level opens a bracket: only a value with more brackets than the limit (some may be in strings) is
+        # measured.
+        if not encoded or (
+            encoded.count(b"[") + encoded.count(b"{") > MAX_METADATA_DEPTH and _depth(metadata) > MAX_METADATA_DEPTH
+        ):
+            raise InvalidEvent(f"'metadata' must nest objects and arrays at most {MAX_METADATA_DEPTH} levels deep")
         if len(encoded) > MAX_METADATA_BYTES:
             raise InvalidEvent(f"'metadata' must be at most {MAX_METADATA_BYTES} bytes as compact JSON")
         if b"\\u0000" in encoded and _holds_nul(metadata):
