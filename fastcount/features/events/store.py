@@ -7,7 +7,9 @@ stored, from any worker or instance, add nothing), give their new users numbers,
 rows alone: counts are added and each bucket's bitmap of user numbers is widened. Written again, a batch stores
 nothing twice. Per event, Python only writes JSON (orjson); the rest is SQL.
 Locks are always taken in one order (events by (day, id), users by user_id, then the rollups' advisory lock), so
-flushers of any number of workers and instances never deadlock.
+flushers of any number of workers and instances never deadlock (except while a refused batch is bisected: one
+transaction then writes several halves, taking the rollups' lock before a later half's event rows; PostgreSQL aborts
+one of two such flushes with 40P01, and its lane retries it).
 
 Rollups are written by one transaction at a time (ROLLUP_LOCK, held to COMMIT): a flush reads the bitmaps of its
 buckets, widens them here and writes each bucket once (count and bitmap together), which halves the rows written
@@ -115,7 +117,7 @@ CREATE_INSERTED = """
 """
 # Parts and inserted rows are consumed (DELETE ... RETURNING), so a savepoint-isolated retry of part of a batch
 # starts empty. The statement's row count is the number of events inserted (not already stored).
-INSERT_EVENTS = """
+INSERT_EVENTS = f"""
     WITH parts AS (DELETE FROM fastcount_events_parts RETURNING part),
     staged AS (
         SELECT (row->>0)::int AS day, (row->>1)::uuid AS id, e.*
@@ -132,7 +134,7 @@ INSERT_EVENTS = """
         RETURNING event_name, ts, channel, user_id
     )
     INSERT INTO fastcount_events_inserted (event_name, hour, channel, user_id)
-    SELECT event_name, extract(epoch FROM ts)::int8 / 3600 * 3600, channel, user_id FROM inserted
+    SELECT event_name, extract(epoch FROM ts)::int8 / {HOUR} * {HOUR}, channel, user_id FROM inserted
 """
 # NOT EXISTS first: a conflicting insert would still use up an identity value, and gaps make bitmaps larger.
 INSERT_USERS = """
