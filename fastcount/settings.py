@@ -48,8 +48,8 @@ class Settings:
     flush_interval: float = _knob(1.0, "seconds between flushes of each worker's pending counts", minimum=0.01)
     flush_max_keys: int = _knob(
         50_000,
-        "distinct pending keys that trigger an early flush; verve: also the most ids and endpoints one flush"
-        " transaction writes (a larger batch is committed in parts)",
+        "distinct pending keys that trigger an early flush; verve: one flush transaction writes at most twice this"
+        " many ids and endpoints (a larger batch is committed in parts)",
         minimum=1,
     )
     max_pending_keys: int = _knob(

@@ -99,7 +99,7 @@ def test_a_batch_past_the_bound_commits_in_parts_with_exact_totals_users_and_one
         other = PendingEvents(max_pending=10_000, flush_max=10_000)
         accept(other, stored_before)
         await flush(other, database, f"other/{prefix}")
-        buffer = PendingEvents(max_pending=10_000, flush_max=100)
+        buffer = PendingEvents(max_pending=10_000, flush_max=50)  # parts of at most twice that
         accept(buffer, events)
         stats = await flush(buffer, database, f"test/{prefix}")
         return buffer, stats, await answers(database, name)
@@ -159,7 +159,7 @@ class RolledBackOnce(PendingEvents):
     back."""
 
     def __init__(self, fail_at: int) -> None:
-        super().__init__(max_pending=10_000, flush_max=100)
+        super().__init__(max_pending=10_000, flush_max=50)  # parts of at most 100
         self.fail_at = fail_at
         self.writes = 0
 
@@ -286,9 +286,10 @@ def test_sigkill_between_parts_of_a_batch_loses_nothing_and_doubles_nothing(
 ) -> None:
     name = prefix + "view"
     events = events_of(prefix, 200, seed=3)
-    # One worker, one bulk of 200 events: one batch, four parts of 50 (in the array's order). A row of the 131st
-    # event's key, inserted and not committed by the test, holds part 3 inside its INSERT.
-    server = start_server("--flush-interval", "600", "--events-flush-max", "50")
+    # One worker, one bulk of 200 events: one batch, four parts of 50 (at most twice --events-flush-max, in the
+    # array's order). A row of the 131st event's key, inserted and not committed by the test, holds part 3 inside its
+    # INSERT.
+    server = start_server("--flush-interval", "600", "--events-flush-max", "25")
     held_identity, held = check_event(events[130], Clock(int(time.time()), 5.0, 90 * DAY))
     day = int(held["timestamp"]) // DAY
     database.query("SELECT fastcount_events_partition(date '1970-01-01' + %s)", (day,))
@@ -342,7 +343,8 @@ def test_sigkill_between_parts_of_a_batch_loses_nothing_and_doubles_nothing(
 def test_verve_ids_and_endpoints_past_the_bound_commit_in_parts_each_once(database: Database, prefix: str) -> None:
     # Windows of a day, years ago (ids of this test alone); ids come back across windows and within one.
     window = (int(time.time()) // DAY - 2000 - random.Random(prefix).randrange(10_000)) * DAY
-    ids = PendingIds(DAY, 10_000, 10, flush_max_keys=40)
+    ids = PendingIds(DAY, 10_000, 10, flush_max_keys=20)
+    assert ids.transaction_rows == 40, "twice the early flush's trigger"
     sent: dict[int, set[int]] = {}
     endpoints: dict[int, set[str]] = {}
     for i in range(250):

@@ -58,7 +58,7 @@ class EventsSettings:
     )
     events_flush_max: int = knob(
         50_000,
-        "pending events of a worker that trigger an early flush; also the most events one flush transaction writes"
+        "pending events of a worker that trigger an early flush; one flush transaction writes at most twice this many"
         " (a larger batch is committed in parts)",
         minimum=1,
     )
@@ -115,7 +115,7 @@ class PendingEvents(FlushBuffer):
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.flush_max = flush_max
-        self.transaction_rows = flush_max
+        self.transaction_rows = 2 * flush_max  # a batch the early flush took is a little over flush_max: one part
         self.accepted = 0  # counters for the worker's tick
         self.rejected = 0
         self.duplicates = 0

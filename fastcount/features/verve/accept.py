@@ -134,7 +134,7 @@ class PendingIds(FlushBuffer):
         self.max_pending = max_pending
         self.max_endpoints = max_endpoints
         self.flush_max_keys = flush_max_keys
-        self.transaction_rows = flush_max_keys
+        self.transaction_rows = 2 * flush_max_keys  # a batch the early flush took is a little over it: one part
         self.pending_ids: dict[int, list[int]] = {}
         self.pending_endpoints: dict[int, list[str]] = {}
         self.pending_count = 0  # ids in pending_ids
