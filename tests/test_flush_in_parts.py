@@ -14,7 +14,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -31,6 +31,7 @@ from fastcount.store.flusher import Doubt, Flusher, InFlight
 
 from conftest import Database, StartServer, wait_until
 from events_support import expected, metrics
+from test_flusher import TableRows
 
 HOUR = 3600
 DAY = 86400
@@ -204,26 +205,16 @@ def test_failures_between_and_within_parts_resume_and_count_duplicates_as_commit
     assert stats.flush_errors == 2
 
 
-class IdempotentRows(FlushBuffer):
+class IdempotentRows(TableRows):
     """Items of a table keyed by them, in parts of `transaction_rows`; its one INSERT statement sleeps `sleep`
     seconds a row in PostgreSQL."""
 
-    name = "rows"
     idempotent = True
 
     def __init__(self, table: str, transaction_rows: int, sleep: float = 0.0) -> None:
-        super().__init__()
-        self.table = table
+        super().__init__(table)
         self.transaction_rows = transaction_rows
         self.sleep = sleep
-        self.pending: list[str] = []
-
-    def take(self) -> list[str] | None:
-        batch, self.pending = self.pending, []
-        return batch or None
-
-    def describe(self, batch: list[str]) -> tuple[int, int]:
-        return len(batch), len(batch)
 
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
         cursor = await conn.execute(
@@ -236,19 +227,6 @@ class IdempotentRows(FlushBuffer):
     def parts(self, batch: list[str], rows: int) -> Iterator[list[str]]:
         for start in range(0, len(batch), rows):
             yield batch[start : start + rows]
-
-    def split(self, batch: list[str]) -> list[list[str]]:
-        middle = len(batch) // 2
-        return [batch[:middle], batch[middle:]] if middle else [batch]
-
-    def dead_letters(self, batch: list[str]) -> list[str]:
-        return [json.dumps(item) for item in batch]
-
-    def snapshot(self) -> bytes:
-        return "\n".join(self.pending).encode()
-
-    def replay(self, records: Sequence[bytes]) -> list[str]:
-        return [line for record in records for line in record.decode().split("\n")]
 
 
 def test_a_batch_whose_one_transaction_would_pass_the_flush_timeout_commits_in_parts(
