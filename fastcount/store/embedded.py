@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,6 +127,7 @@ class EmbeddedPostgres:
         self.lock = DataDirLock(self.data_dir, str(data_dir))
         self.bindir = find_bindir()
         self.port = 0
+        self.launched = False  # `pg_ctl start` was run by this object
         self._run_as: str | None = None
         if os.geteuid() == 0:
             self._run_as = self._ensure_service_user()
@@ -148,7 +150,10 @@ class EmbeddedPostgres:
         try:
             return self._start_locked()
         except BaseException:
-            self.lock.release()
+            try:
+                self._stop_interrupted_start()
+            finally:
+                self.lock.release()
             raise
 
     def _start_locked(self) -> str:
@@ -163,11 +168,27 @@ class EmbeddedPostgres:
         (self.data_dir / PORT_FILE).write_text(str(self.port))
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
         # A session of its own: a Ctrl-C for fastcount must not also shut PostgreSQL down under the final flush.
+        self.launched = True
         self._pg_ctl(
             "-w", "-t", "60", "-l", str(self.pgdata / "postgres.log"), "-o", options, "start", new_session=True
         )
         log.info("event=embedded_postgres_started data_dir=%s dsn=%s", self.pgdata, self.dsn)
         return self.dsn
+
+    def _stop_interrupted_start(self) -> None:
+        """A start that failed or was interrupted (Ctrl-C while `pg_ctl start` waits) may leave a postmaster running
+        in its own session, where the interrupt does not reach it: stop it, or nothing would (the lock is released).
+        """
+        if not self.launched:
+            return
+        deadline = time.monotonic() + 10  # the postmaster writes its pid file moments after it was forked
+        while not (self.pgdata / "postmaster.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
+            log.info("event=embedded_postgres_stopped data_dir=%s reason=start_interrupted", self.pgdata)
+        except EmbeddedPostgresError:
+            pass  # it was not running
 
     def stop(self) -> None:
         """Stop the server this object started or reused; release the data directory."""
