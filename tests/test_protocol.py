@@ -93,6 +93,22 @@ def test_pipelined_requests_are_answered_in_order_in_one_write() -> None:
     ]
 
 
+@pytest.mark.parametrize("cut", [0, 5])  # one read (the lean parser), and cut reads (the full parser)
+def test_a_head_request_is_answered_without_a_body_and_the_next_request_still_parses(cut: int) -> None:
+    """A HEAD answer has no body (its Content-Length says what GET's would carry): the 405's 30-byte body was sent,
+    and a client that follows HTTP read it as the start of the next answer."""
+    protocol, transport = connect()
+    stream = b"HEAD /echo HTTP/1.1\r\nHost: x\r\n\r\nHEAD /nowhere HTTP/1.1\r\nHost: x\r\n\r\n" + post(b"after")
+    feed(protocol, *([stream] if not cut else [stream[i : i + cut] for i in range(0, len(stream), cut)]))
+    head, _, rest = transport.written.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, POST" in head
+    assert b"Content-Length: 30" in head  # what the 405 says to GET: {"error":"method not allowed"}
+    head, _, rest = rest.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert responses(rest) == [(200, b'{"path":"/echo","query":"","body":"after"}')]
+    assert not transport.closed
+
+
 @pytest.mark.parametrize("cut", [1, 2, 7, 30, 64])
 def test_requests_cut_anywhere_parse_the_same(cut: int) -> None:
     protocol, transport = connect()

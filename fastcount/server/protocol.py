@@ -554,7 +554,8 @@ class HttpProtocol(asyncio.Protocol):
             if route is None:
                 path, query, target = state.router.resolve_target(method, url)
                 if isinstance(target, Response):
-                    self._answer(target, keep_alive, http10_keep_alive, state.router.unmatched)
+                    # No route answers HEAD: its 405 (or 404) goes without the body, which a HEAD answer never has.
+                    self._answer(target, keep_alive, http10_keep_alive, state.router.unmatched, method == b"HEAD")
                     return
                 route = target
         try:
@@ -592,11 +593,18 @@ class HttpProtocol(asyncio.Protocol):
         return renderer.render(response, keep_alive, http10_keep_alive)
 
     def _answer(
-        self, response: Response, keep_alive: bool, http10_keep_alive: bool = False, route: RouteState | None = None
+        self,
+        response: Response,
+        keep_alive: bool,
+        http10_keep_alive: bool = False,
+        route: RouteState | None = None,
+        without_body: bool = False,
     ) -> None:
         if self.closing:  # rule 2: the answer that closed the connection was the last one
             return
         data = self._render(response, keep_alive, http10_keep_alive, route or self.state.router.invalid)
+        if without_body and response.body:  # the head as for the same request by GET (Content-Length included)
+            data = data[: -len(response.body)]
         if self.queue:
             self.queue.append([data, keep_alive, False])
         else:
