@@ -148,6 +148,13 @@ class Settings:
                     "which fastcount does not know (see fastcount serve --help)",
                     "env_file",
                 )
+            unknown = [name for name in environ if name.startswith(ENV_PREFIX) and name not in known]
+            unknown = [name for name in unknown if not _internal_variable(name)]
+            if unknown:  # a misspelt variable would otherwise be ignored without a word, as in the env file
+                raise SettingError(
+                    f"{_braced(', '.join(sorted(unknown)))} set in the environment, which fastcount does not know"
+                    " (see fastcount serve --help)"
+                )
             values: dict[str, Any] = {}
             for spec in fields.values():
                 variable = cls.env_name(spec.name)
@@ -169,6 +176,15 @@ class Settings:
             return cls(**{name: value for name, value in values.items() if name in own}, sections=section_values)
         except SettingError as error:
             raise ValueError(error.naming(lambda name: sources.get(name) or cls.flag_name(name))) from None
+
+
+# FASTCOUNT_* variables that are not settings: ./dev's virtual environment, the master's message to a worker, and
+# knobs of the test suite (failpoints, timeouts shortened for tests).
+INTERNAL_VARIABLES = frozenset(("FASTCOUNT_VENV", "FASTCOUNT_WORKER_CONFIG", "FASTCOUNT_HEARTBEAT_TIMEOUT"))
+
+
+def _internal_variable(name: str) -> bool:
+    return name in INTERNAL_VARIABLES or name.startswith("FASTCOUNT_TEST_") or "_FAILPOINT_" in name
 
 
 def knob_fields(sections: Sequence[type] = ()) -> Iterator[tuple[type, dataclasses.Field[Any]]]:

@@ -58,6 +58,9 @@ def test_help_shows_each_default_once_and_version_prints_the_version() -> None:
 NOWHERE = ("--dsn", "postgresql://u@127.0.0.1:1/db", "--db-wait", "0")
 
 
+UNKNOWN = "which fastcount does not know (see fastcount serve --help)"
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
@@ -70,6 +73,7 @@ NOWHERE = ("--dsn", "postgresql://u@127.0.0.1:1/db", "--db-wait", "0")
         (["--env-file", "/nonexistent"], {}, "--env-file: cannot read /nonexistent: No such file or directory"),
         ([], {"FASTCOUNT_PORT": "99999"}, "FASTCOUNT_PORT must be from 0 to 65535, got 99999"),
         ([], {"FASTCOUNT_TCP_NODELAY": "maybe"}, "FASTCOUNT_TCP_NODELAY expects true/false, got 'maybe'"),
+        ([], {"FASTCOUNT_WOKERS": "1"}, f"FASTCOUNT_WOKERS set in the environment, {UNKNOWN}"),
         (["--port", "1"], {"FASTCOUNT_PORT": "99999"}, None),  # the flag wins; nothing wrong to report
         (["--max-pending-keys", "5"], {}, "--flush-max-keys (50000) must not exceed --max-pending-keys (5)"),
         (["--port"], {}, "argument --port: expected one argument (see fastcount serve --help)"),
