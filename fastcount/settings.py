@@ -91,7 +91,7 @@ class Settings:
         check_knobs(self)
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingError(
-                f"{{0}} must be debug, info, warning or error, got {_braced(repr(self.log_level))}", "log_level"
+                f"{{0}} must be debug, info, warning or error, got {braced(repr(self.log_level))}", "log_level"
             )
         if self.port and self.port == self.admin_port:
             raise SettingError(f"{{0}} and {{1}} must differ, both are {self.port}", "port", "admin_port")
@@ -136,15 +136,13 @@ class Settings:
                 try:
                     from_file = read_env_file(env_file)
                 except OSError as error:
-                    raise SettingError(
-                        f"{{0}}: cannot read {_braced(env_file)}: {error.strerror}", "env_file"
-                    ) from None
+                    raise SettingError(f"{{0}}: cannot read {braced(env_file)}: {error.strerror}", "env_file") from None
             fields = {spec.name: spec for _, spec in knob_fields(sections)}
             known = {cls.env_name(name) for name in fields}
             unknown = [name for name in from_file if name not in known]
             if unknown:  # a misspelt line would otherwise be ignored without a word
                 raise SettingError(
-                    f"{{0}}: {_braced(str(env_file))} sets {_braced(', '.join(unknown))}, "
+                    f"{{0}}: {braced(str(env_file))} sets {braced(', '.join(unknown))}, "
                     "which fastcount does not know (see fastcount serve --help)",
                     "env_file",
                 )
@@ -152,7 +150,7 @@ class Settings:
             unknown = [name for name in unknown if not _internal_variable(name)]
             if unknown:  # a misspelt variable would otherwise be ignored without a word, as in the env file
                 raise SettingError(
-                    f"{_braced(', '.join(sorted(unknown)))} set in the environment, which fastcount does not know"
+                    f"{braced(', '.join(sorted(unknown)))} set in the environment, which fastcount does not know"
                     " (see fastcount serve --help)"
                 )
             values: dict[str, Any] = {}
@@ -221,7 +219,7 @@ class SettingError(ValueError):
         return self.template.format(*(label(name) for name in self.names))
 
 
-def _braced(text: str) -> str:
+def braced(text: str) -> str:
     """Text to put into a SettingError template as itself."""
     return text.replace("{", "{{").replace("}", "}}")
 
@@ -259,9 +257,9 @@ def _convert(spec: dataclasses.Field[Any], raw: str) -> Any:
         try:
             return parse_bool(raw)
         except ValueError:
-            raise SettingError(f"{{0}} expects true/false, got {_braced(repr(raw))}", spec.name) from None
+            raise SettingError(f"{{0}} expects true/false, got {braced(repr(raw))}", spec.name) from None
     try:
         return kind(raw)
     except ValueError:
         expected = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
-        raise SettingError(f"{{0}} expects {expected}, got {_braced(repr(raw))}", spec.name) from None
+        raise SettingError(f"{{0}} expects {expected}, got {braced(repr(raw))}", spec.name) from None

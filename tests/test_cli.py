@@ -74,6 +74,13 @@ UNKNOWN = "which fastcount does not know (see fastcount serve --help)"
         ([], {"FASTCOUNT_PORT": "99999"}, "FASTCOUNT_PORT must be from 0 to 65535, got 99999"),
         ([], {"FASTCOUNT_TCP_NODELAY": "maybe"}, "FASTCOUNT_TCP_NODELAY expects true/false, got 'maybe'"),
         ([], {"FASTCOUNT_WOKERS": "1"}, f"FASTCOUNT_WOKERS set in the environment, {UNKNOWN}"),
+        (["--verve-callback-method", "put"], {}, "--verve-callback-method must be get or post, got 'put'"),
+        ([], {"FASTCOUNT_VERVE_CALLBACK_ALLOW": "a b"},
+         "FASTCOUNT_VERVE_CALLBACK_ALLOW: 'a b' is neither a host name nor a CIDR"),
+        (["--kafka-bootstrap", "k:9092", "--kafka-topic", ""], {},
+         "--kafka-topic must not be empty when --kafka-bootstrap is set"),
+        (["--events-flush-max", "9"], {"FASTCOUNT_EVENTS_MAX_PENDING": "5"},
+         "--events-flush-max (9) must not exceed FASTCOUNT_EVENTS_MAX_PENDING (5)"),
         (["--port", "1"], {"FASTCOUNT_PORT": "99999"}, None),  # the flag wins; nothing wrong to report
         (["--max-pending-keys", "5"], {}, "--flush-max-keys (50000) must not exceed --max-pending-keys (5)"),
         (["--port"], {}, "argument --port: expected one argument (see fastcount serve --help)"),

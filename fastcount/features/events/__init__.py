@@ -32,7 +32,7 @@ from fastcount.features.events.validation import (
 )
 from fastcount.server.responses import Response, constant_error, error_response, json_response
 from fastcount.server.routing import Route
-from fastcount.settings import check_knobs, knob
+from fastcount.settings import SettingError, check_knobs, knob
 from fastcount.store.database import connect
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,11 @@ class EventsSettings:
     def __post_init__(self) -> None:
         check_knobs(self)
         if self.events_flush_max > self.events_max_pending:
-            raise ValueError("events_flush_max must not exceed events_max_pending")
+            raise SettingError(
+                f"{{0}} ({self.events_flush_max}) must not exceed {{1}} ({self.events_max_pending})",
+                "events_flush_max",
+                "events_max_pending",
+            )
 
 
 EventKey = tuple[int, bytes]  # (UTC day of the timestamp, identity): the database's key, (day, id), in memory too

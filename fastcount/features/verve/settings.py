@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from fastcount.settings import check_knobs, knob
+from fastcount.settings import SettingError, braced, check_knobs, knob
 
 CALLBACK_METHODS = ("get", "post")
 
@@ -33,7 +33,7 @@ def parse_allow_list(raw: str) -> AllowList:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
             if "/" in item or any(char.isspace() for char in item):
-                raise ValueError(f"verve_callback_allow: {item!r} is neither a host name nor a CIDR") from None
+                raise ValueError(f"{item!r} is neither a host name nor a CIDR") from None
             hosts.add(item.lower().rstrip("."))
     return AllowList(frozenset(hosts), tuple(networks))
 
@@ -64,11 +64,17 @@ class VerveSettings:
 
     def __post_init__(self) -> None:
         check_knobs(self)
+        # Messages name each setting as {0}, {1}: the caller names the flag or variable it came from.
         if self.verve_callback_method.lower() not in CALLBACK_METHODS:
-            raise ValueError(f"verve_callback_method must be get or post, got {self.verve_callback_method!r}")
-        parse_allow_list(self.verve_callback_allow)
+            raise SettingError(
+                f"{{0}} must be get or post, got {braced(repr(self.verve_callback_method))}", "verve_callback_method"
+            )
+        try:
+            parse_allow_list(self.verve_callback_allow)
+        except ValueError as problem:
+            raise SettingError(f"{{0}}: {braced(str(problem))}", "verve_callback_allow") from None
         if self.kafka_bootstrap and not self.kafka_topic:
-            raise ValueError("kafka_topic must not be empty when kafka_bootstrap is set")
+            raise SettingError("{0} must not be empty when {1} is set", "kafka_topic", "kafka_bootstrap")
 
     def grace(self, flush_interval: float) -> float:
         return self.verve_grace or 2 * flush_interval + 1.0
