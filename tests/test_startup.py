@@ -184,3 +184,27 @@ def test_an_interrupted_start_of_the_embedded_postgres_leaves_no_server_running(
         if (embedded.pgdata / "postmaster.pid").exists():
             real_pg_ctl("-w", "-m", "immediate", "stop")
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_the_embedded_postgres_keeps_its_port_across_restarts() -> None:
+    """The DSN a user saw stays right: the remembered port is reused although the last run's connections, closed by
+    the server at its stop, still hold it (the probe bound without SO_REUSEADDR and chose a new port)."""
+    if os.environ.get("FASTCOUNT_TEST_DSN"):
+        pytest.skip("checks the embedded PostgreSQL; FASTCOUNT_TEST_DSN points elsewhere")
+    from fastcount.store.embedded import EmbeddedPostgres
+
+    workdir = Path(tempfile.mkdtemp(prefix="fastcount-port-"))
+    workdir.chmod(0o755)
+    first = EmbeddedPostgres(workdir / "data")
+    second = EmbeddedPostgres(workdir / "data")
+    try:
+        dsn = first.start()
+        with psycopg.connect(dsn) as conn:
+            first.stop()  # the server closes the connection first: its side lingers (FIN-WAIT-2) on the port
+            assert second.start() == dsn
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")  # the connection of the first run is gone all the same
+    finally:
+        second.stop()
+        first.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -113,6 +113,9 @@ def _free_port() -> int:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket() as probe:
+        # As PostgreSQL binds: with SO_REUSEADDR, so the last run's connections in TIME_WAIT do not make the
+        # remembered port look taken (the DSN changed on every restart: new-user trial).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
