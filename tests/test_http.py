@@ -108,3 +108,5 @@ def test_read_counter_and_health(start_server: StartServer, prefix: str) -> None
     assert request(server.port, "GET", "/counters/" + prefix + "never")[0] == 404
     assert request(server.port, "GET", "/healthz")[0] == 200
     assert request(server.port, "GET", "/readyz")[0] == 200
+    for path in ("/healthz", "/readyz"):  # load balancers may check with HEAD: the same answer, no body
+        assert request(server.port, "HEAD", path)[::2] == (200, b"")

@@ -109,6 +109,35 @@ def test_a_head_request_is_answered_without_a_body_and_the_next_request_still_pa
     assert not transport.closed
 
 
+def test_a_route_that_answers_head_gives_gets_head_without_the_body_sync_and_async() -> None:
+    async def later(path: bytes, query: bytes, body: bytes) -> Response:
+        return json_response(503, {"status": "not ready"})
+
+    constant = Response(200, b"fine", b"text/plain", cacheable=True)  # rendered once a second, in a cache
+    routes = [Route(b"GET", b"/now", echo, head=True), Route(b"GET", b"/later", later, head=True)]
+    router = Router([*routes, Route(b"GET", b"/constant", lambda path, query, body: constant, head=True)])
+    limits = ConnectionLimits(max_body=MAX_BODY, max_header_bytes=MAX_HEADER, keepalive_ticks=2, read_ticks=3)
+    protocol = HttpProtocol(ServerState(router, limits, WorkerStats()))
+    transport = FakeTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+
+    async def exchange() -> None:
+        feed(protocol, b"HEAD /constant HTTP/1.1\r\n\r\nHEAD /now?x=1 HTTP/1.1\r\n\r\nHEAD /later HTTP/1.1\r\n\r\n")
+        feed(protocol, b"GET /constant HTTP/1.1\r\n\r\nGET /now HTTP/1.1\r\n\r\n")
+        await asyncio.sleep(0.01)
+
+    asyncio.run(exchange())
+    first, _, rest = transport.written.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 4" in first
+    second, _, rest = rest.partition(b"\r\n\r\n")
+    body = b'{"path":"/now","query":"x=1","body":""}'
+    assert second.startswith(b"HTTP/1.1 200 ") and b"Content-Length: %d" % len(body) in second
+    third, _, rest = rest.partition(b"\r\n\r\n")
+    assert third.startswith(b"HTTP/1.1 503 ") and b"Content-Length: 22" in third  # {"status":"not ready"}
+    assert responses(rest) == [(200, b"fine"), (200, b'{"path":"/now","query":"","body":""}')]
+    assert router.exact[b"/now"][b"HEAD"].answers is router.exact[b"/now"][b"GET"].answers  # counted as GET's
+
+
 @pytest.mark.parametrize("cut", [1, 2, 7, 30, 64])
 def test_requests_cut_anywhere_parse_the_same(cut: int) -> None:
     protocol, transport = connect()

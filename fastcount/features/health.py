@@ -22,9 +22,9 @@ class Health:
         self.problems = problems
 
     def routes(self) -> list[Route]:
-        return [
-            Route(b"GET", b"/healthz", self.handle_health, name="healthz"),
-            Route(b"GET", b"/readyz", self.handle_ready, name="readyz"),
+        return [  # both answer HEAD too: load balancers may check with it
+            Route(b"GET", b"/healthz", self.handle_health, name="healthz", head=True),
+            Route(b"GET", b"/readyz", self.handle_ready, name="readyz", head=True),
         ]
 
     def handle_health(self, path: bytes, query: bytes, body: bytes) -> Response:

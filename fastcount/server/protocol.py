@@ -590,7 +590,10 @@ class HttpProtocol(asyncio.Protocol):
             entry[1] += 1  # type: ignore[operator]
             return entry[0]  # type: ignore[return-value]
         route.count(response.status)
-        return renderer.render(response, keep_alive, http10_keep_alive)
+        data = renderer.render(response, keep_alive, http10_keep_alive)
+        if route.without_body and response.body:  # HEAD: the head GET would get, Content-Length included
+            return data[: -len(response.body)]
+        return data
 
     def _answer(
         self,

@@ -91,7 +91,10 @@ class ResponseRenderer:
         cache = route.keep_alive_cache if keep_alive else route.close_cache
         entry = cache.get(response)
         if entry is None:
-            entry = cache[response] = [self.render(response, keep_alive), 0]
+            rendered = self.render(response, keep_alive)
+            if route.without_body and response.body:  # HEAD: the head GET would get, Content-Length included
+                rendered = rendered[: -len(response.body)]
+            entry = cache[response] = [rendered, 0]
         return entry
 
     def render(self, response: Response, keep_alive: bool, http10_keep_alive: bool = False) -> bytes:

@@ -32,6 +32,7 @@ class Route:
     name: str = ""  # the `route` label of metrics; default "METHOD path"
     headers: tuple[bytes, ...] = ()  # lower-case names of request headers the handler is given, as a 4th argument
     max_body: int = 0  # a larger body limit than the server's --max-body for this route alone (exact routes); 0: none
+    head: bool = False  # a GET route that also answers HEAD: the same answer without its body (safe handlers only)
 
 
 def _no_handler(path: bytes, query: bytes, body: bytes) -> Response:
@@ -42,7 +43,7 @@ class RouteState:
     """A route as the protocol uses it: its handler, its answers counted by status, and the bytes of its constant
     answers for the current second (entries are [bytes, times served], harvested into `answers` on each tick)."""
 
-    __slots__ = ("answers", "close_cache", "handler", "headers", "keep_alive_cache", "name")
+    __slots__ = ("answers", "close_cache", "handler", "headers", "keep_alive_cache", "name", "without_body")
 
     def __init__(
         self, name: str, handler: Callable[..., HandlerResult] = _no_handler, headers: tuple[bytes, ...] = ()
@@ -53,6 +54,7 @@ class RouteState:
         self.answers: dict[int, int] = {}
         self.keep_alive_cache: dict[Response, list[bytes | int]] = {}
         self.close_cache: dict[Response, list[bytes | int]] = {}
+        self.without_body = False  # HEAD: every answer is rendered without its body (Content-Length kept)
 
     def count(self, status: int) -> None:
         self.answers[status] = self.answers.get(status, 0) + 1
@@ -110,6 +112,14 @@ class Router:
             )
             table[route.method] = state
             self.routes.append(state)
+            if route.head:
+                if route.method != b"GET" or b"HEAD" in table:
+                    raise ValueError(f"route {route.method!r} {route.path!r} cannot answer HEAD")
+                head = RouteState(state.name, route.handler, route.headers)
+                head.answers = state.answers  # counted as the GET route's
+                head.without_body = True
+                table[b"HEAD"] = head
+                self.routes.append(head)
         self.wanted_headers = frozenset(wanted)  # what the protocol collects from requests: the union of the wishes
         self._prefixes.sort(key=lambda item: len(item[0]), reverse=True)  # longest prefix wins
         self._method_not_allowed: dict[int, Response] = {}
