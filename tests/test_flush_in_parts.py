@@ -394,3 +394,36 @@ def test_a_part_in_doubt_is_settled_by_its_transaction_and_never_guessed_while_i
         assert ledger == [(writers["c"],)]
 
     asyncio.run(scenario())
+
+
+def test_a_part_in_doubt_whose_xid_the_server_calls_in_the_future_is_not_retried_forever(
+    database: Database, prefix: str
+) -> None:
+    """The attempt's xid is past the server's counter (the DSN now reaches a cluster restored from a backup, or a
+    promoted replica that never saw the attempt): txid_status() raises 22023, which the lane took for a transient
+    error, every time (review). It cannot be told: the part is written again, which stores nothing twice."""
+    table = "test_future_" + prefix.strip("-")
+    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
+    items = ["a", "b", "c", "d"]
+
+    async def scenario() -> list[bool]:
+        buffer = IdempotentRows(table, transaction_rows=2)
+        flusher = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", WorkerStats(), flush_timeout=1)
+        lane = flusher.lanes["rows"]
+        async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as conn:
+            row = await (await conn.execute("SELECT txid_current()")).fetchone()
+            assert row is not None
+        in_flight = InFlight(lane.writer, 1, items, 4, 4, parts=[["a", "b"], ["c", "d"]])
+        in_flight.doubt = Doubt(int(row[0]) + 1_000_000, 2, 0)
+        results = []
+        try:
+            for _ in range(5):
+                results.append(await lane._write(in_flight))
+                if results[-1]:
+                    break
+        finally:
+            await lane._close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results[-1], f"every attempt failed on txid_status ({results}): the lane would retry this part forever"

@@ -16,6 +16,7 @@ from fastcount.features.base import FlushBuffer
 from fastcount.features.increment import PendingCounts
 from fastcount.observability.stats import WorkerStats
 from fastcount.store import flusher as flusher_module
+from fastcount.store.database import connect
 from fastcount.store.flusher import Flusher
 
 from conftest import Database
@@ -252,3 +253,17 @@ def test_a_bug_in_a_write_keeps_the_batch_and_retries_it_until_written_once(
     stats = run(scenario())
     assert database.counts(prefix) == {prefix + "a": 3, prefix + "b": 4}
     assert (stats.flush_errors, stats.flushes) == (1, 1)
+
+
+def test_a_flush_connection_bounds_its_statements_and_its_idle_transactions_on_the_server_side(
+    database: Database,
+) -> None:
+    """A flush transaction whose client vanished without a FIN (a partition) must not sit idle in transaction for the
+    kernel's default keepalive (2 hours), holding row locks and the rollups' lock (review)."""
+
+    async def settings() -> list[str]:
+        async with await connect(database.dsn, statement_timeout=2.5) as conn:
+            names = ("statement_timeout", "idle_in_transaction_session_timeout", "tcp_keepalives_idle")
+            return [str((await (await conn.execute(f"SHOW {name}")).fetchone() or [""])[0]) for name in names]
+
+    assert asyncio.run(settings()) == ["2500ms", "2500ms", "10"]

@@ -59,8 +59,9 @@ class FlushBuffer(ABC):
     good (a data error), the lane bisects it with `split` down to single items and parks those with `dead_letters`.
 
     An `idempotent` buffer's batch of more than `transaction_rows` rows is committed as `parts`, one transaction each,
-    the ledger row with the last one (the flusher's rule 6). Whatever a buffer derives from its writes (counters,
-    caches of committed values) it applies in `transaction_ended`, once the lane knows how their transaction ended.
+    the ledger row with the last one (the flusher's rule 6). Whatever a buffer derives in memory from its writes (the
+    events' duplicates counter, today) it applies in `transaction_ended`, once the lane knows how their transaction
+    ended.
     """
 
     name: ClassVar[str]  # unique per worker: the ledger writer's suffix and the journal section's name

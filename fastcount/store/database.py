@@ -69,7 +69,22 @@ async def migrate_async(conn: psycopg.AsyncConnection[Any], schema: Sequence[str
 async def connect(dsn: str, statement_timeout: float | None = None) -> psycopg.AsyncConnection[Any]:
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5, **KEEPALIVES)  # type: ignore[arg-type]
     if statement_timeout:  # SET, not `options=`: the DSN may carry options of its own
-        await conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(statement_timeout * 1000)}",))
+        milliseconds = f"{int(statement_timeout * 1000)}"
+        # The server's side of the same bounds: a flush transaction whose client vanished (a partition: no FIN, no
+        # RST) is ended after the timeout instead of sitting idle in transaction for the kernel's default keepalive
+        # (over 2 hours), holding its row locks and the rollups' lock, and leaving a part's outcome in doubt.
+        await conn.execute(
+            "SELECT set_config('statement_timeout', %s, false), set_config('idle_in_transaction_session_timeout', %s,"
+            " false), set_config('tcp_keepalives_idle', %s, false), set_config('tcp_keepalives_interval', %s, false),"
+            " set_config('tcp_keepalives_count', %s, false)",
+            (
+                milliseconds,
+                milliseconds,
+                str(KEEPALIVES["keepalives_idle"]),
+                str(KEEPALIVES["keepalives_interval"]),
+                str(KEEPALIVES["keepalives_count"]),
+            ),
+        )
     return conn
 
 

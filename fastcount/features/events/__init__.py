@@ -104,7 +104,8 @@ class PendingEvents(FlushBuffer):
     SNAPSHOT_MARK + a JSON array of every pending event. Replay checks everything again except the clock.
 
     Idempotent (the flusher's rule 6): an event written twice is stored once, and rollups and user numbers are derived
-    from the rows a write inserted, so a batch of more than `flush_max` events is committed in parts of at most that.
+    from the rows a write inserted, so a batch of more than twice `flush_max` events is committed in parts of at most
+    that.
     """
 
     name = "events"

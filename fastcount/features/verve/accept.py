@@ -122,7 +122,7 @@ class PendingIds(FlushBuffer):
 
     Idempotent (the flusher's rule 6): ids and endpoints are inserted ON CONFLICT DO NOTHING and nothing else is
     derived from them in the transaction (reports count the ids later; duplicates are counted on the request path), so
-    a batch of more than `flush_max_keys` rows is committed in parts of at most that.
+    a batch of more than twice `flush_max_keys` rows is committed in parts of at most that.
     """
 
     name = "verve"
