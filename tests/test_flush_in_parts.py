@@ -67,9 +67,9 @@ async def flush(buffer: FlushBuffer, database: Database, writer: str, drop_after
     return stats
 
 
-async def answers(database: Database, name: str) -> list[dict[str, object]]:
-    """GET /metrics' answers (whole, by channel, by hour) from what PostgreSQL holds."""
-    now = int(time.time())
+async def answers(database: Database, name: str, now: int) -> list[dict[str, object]]:
+    """GET /metrics' answers (whole, by channel, by hour) from what PostgreSQL holds, as asked at `now` (one clock for
+    the answers and `expected_answers`: two reads of it a second apart gave two different ranges)."""
     found = []
     async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as conn:
         for group_by in ("", "&group_by=channel", "&group_by=hour"):
@@ -78,8 +78,7 @@ async def answers(database: Database, name: str) -> list[dict[str, object]]:
     return found
 
 
-def expected_answers(events: list[dict[str, object]], name: str) -> list[dict[str, object]]:
-    now = int(time.time())
+def expected_answers(events: list[dict[str, object]], name: str, now: int) -> list[dict[str, object]]:
     return [expected(events, name, now - 2 * DAY, now + 1, group_by=group) for group in ("", "channel", "hour")]
 
 
@@ -93,6 +92,7 @@ def test_a_batch_past_the_bound_commits_in_parts_with_exact_totals_users_and_one
     database: Database, prefix: str
 ) -> None:
     name = prefix + "view"
+    now = int(time.time())
     events = events_of(prefix, 1200, seed=1)
     stored_before = events[::20]  # 60 of them, one in each part: stored by another worker first
 
@@ -103,10 +103,10 @@ def test_a_batch_past_the_bound_commits_in_parts_with_exact_totals_users_and_one
         buffer = PendingEvents(max_pending=10_000, flush_max=50)  # parts of at most twice that
         accept(buffer, events)
         stats = await flush(buffer, database, f"test/{prefix}")
-        return buffer, stats, await answers(database, name)
+        return buffer, stats, await answers(database, name, now)
 
     buffer, stats, found = asyncio.run(scenario())
-    assert found == expected_answers(events, name)
+    assert found == expected_answers(events, name, now)
     assert found[0]["total_events"] == 1200 and found[0]["unique_users"] < 300  # type: ignore[operator]
     assert database.query("SELECT sum(total) FROM event_rollups WHERE event_name = %s", (name,)) == [(1200,)]
     transactions = transactions_of(database, name)
@@ -126,6 +126,7 @@ def test_events_postgresql_refuses_are_parked_alone_and_the_rollups_stay_exact(d
     """The bisection of a refused batch writes several halves in one transaction, under savepoints: each write must
     start from empty staging tables, or a half would insert (and count in the rollups) rows of another."""
     name = prefix + "view"
+    now = int(time.time())
     events = events_of(prefix, 400, seed=3)
     # Events PostgreSQL refuses (as if validation had let them through): a NUL in a string, in metadata, and tags
     # that are not an array. Same name and hours as the others, so a mistake would show in their rollups.
@@ -141,10 +142,10 @@ def test_events_postgresql_refuses_are_parked_alone_and_the_rollups_stay_exact(d
             event = {**events[100 * number + 50], "event_id": f"{prefix}poison{number}", **poison}
             buffer.pending[(int(event["timestamp"]) // DAY, bytes([number + 1]) * 16)] = event  # type: ignore[call-overload]
         stats = await flush(buffer, database, f"test/{prefix}")
-        return buffer, stats, await answers(database, name)
+        return buffer, stats, await answers(database, name, now)
 
     buffer, stats, found = asyncio.run(scenario())
-    assert found == expected_answers(events, name)
+    assert found == expected_answers(events, name, now)
     assert database.query("SELECT count(*) FROM events WHERE event_name = %s", (name,)) == [(400,)]
     assert database.query("SELECT sum(total) FROM event_rollups WHERE event_name = %s", (name,)) == [(400,)]
     parked = database.query(
@@ -176,6 +177,7 @@ def test_failures_between_and_within_parts_resume_and_count_duplicates_as_commit
     database: Database, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = prefix + "view"
+    now = int(time.time())
     events = events_of(prefix, 600, seed=2)
     stored_before = events[::10]  # 60, spread over the six parts
 
@@ -188,11 +190,11 @@ def test_failures_between_and_within_parts_resume_and_count_duplicates_as_commit
         buffer = RolledBackOnce(fail_at=3)
         accept(buffer, events)
         stats = await flush(buffer, database, f"test/{prefix}", drop_after_commits=1)
-        return buffer, stats, await answers(database, name)
+        return buffer, stats, await answers(database, name, now)
 
     buffer, stats, found = asyncio.run(scenario())
     assert buffer.duplicates == 60, "the events stored before, and nothing of part 1 (it had committed)"
-    assert found == expected_answers(events, name)
+    assert found == expected_answers(events, name, now)
     assert database.query("SELECT count(*), count(DISTINCT id) FROM events WHERE event_name = %s", (name,)) == [
         (600, 600)
     ]
