@@ -429,3 +429,22 @@ def test_a_part_in_doubt_whose_xid_the_server_calls_in_the_future_is_not_retried
 
     results = asyncio.run(scenario())
     assert results[-1], f"every attempt failed on txid_status ({results}): the lane would retry this part forever"
+
+
+def test_a_batch_cut_in_parts_is_not_kept_whole_beside_them(database: Database, prefix: str) -> None:
+    """Memory: 1.4M events held twice, as the batch and as its parts, was ~70 MB no bound counted (review)."""
+    table = "test_whole_" + prefix.strip("-")
+    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
+
+    async def scenario() -> InFlight:
+        lane = Flusher(database.dsn, [IdempotentRows(table, 2)], 0.1, f"test/{prefix}", WorkerStats()).lanes["rows"]
+        in_flight = InFlight(lane.writer, 1, ["a", "b", "c"], 3, 3)
+        try:
+            assert await lane._write(in_flight)
+        finally:
+            await lane._close()
+        return in_flight
+
+    in_flight = asyncio.run(scenario())
+    assert (in_flight.batch, in_flight.parts) == (None, [["a", "b"], ["c"]])
+    assert sorted(str(item) for (item,) in database.query(f"SELECT item FROM {table}")) == ["a", "b", "c"]

@@ -226,6 +226,8 @@ class Lane:
         retries later)."""
         if in_flight.parts is None:
             in_flight.parts = await self._parts(in_flight)
+            if len(in_flight.parts) > 1:
+                in_flight.batch = None  # the parts hold every item: not kept twice (~70 MB at 1.4M events)
         while in_flight.committed_parts < len(in_flight.parts):
             if not await self._write_part(in_flight, in_flight.parts):
                 return False
