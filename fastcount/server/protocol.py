@@ -554,8 +554,9 @@ class HttpProtocol(asyncio.Protocol):
             if route is None:
                 path, query, target = state.router.resolve_target(method, url)
                 if isinstance(target, Response):
-                    # No route answers HEAD: its 405 (or 404) goes without the body, which a HEAD answer never has.
-                    self._answer(target, keep_alive, http10_keep_alive, state.router.unmatched, method == b"HEAD")
+                    router = state.router  # a HEAD's 405 (or 404) goes without the body, as every HEAD answer does
+                    unmatched = router.unmatched_head if method == b"HEAD" else router.unmatched
+                    self._answer(target, keep_alive, http10_keep_alive, unmatched)
                     return
                 route = target
         try:
@@ -590,24 +591,14 @@ class HttpProtocol(asyncio.Protocol):
             entry[1] += 1  # type: ignore[operator]
             return entry[0]  # type: ignore[return-value]
         route.count(response.status)
-        data = renderer.render(response, keep_alive, http10_keep_alive)
-        if route.without_body and response.body:  # HEAD: the head GET would get, Content-Length included
-            return data[: -len(response.body)]
-        return data
+        return renderer.render(response, keep_alive, http10_keep_alive, route.without_body)
 
     def _answer(
-        self,
-        response: Response,
-        keep_alive: bool,
-        http10_keep_alive: bool = False,
-        route: RouteState | None = None,
-        without_body: bool = False,
+        self, response: Response, keep_alive: bool, http10_keep_alive: bool = False, route: RouteState | None = None
     ) -> None:
         if self.closing:  # rule 2: the answer that closed the connection was the last one
             return
         data = self._render(response, keep_alive, http10_keep_alive, route or self.state.router.invalid)
-        if without_body and response.body:  # the head as for the same request by GET (Content-Length included)
-            data = data[: -len(response.body)]
         if self.queue:
             self.queue.append([data, keep_alive, False])
         else:

@@ -91,13 +91,13 @@ class ResponseRenderer:
         cache = route.keep_alive_cache if keep_alive else route.close_cache
         entry = cache.get(response)
         if entry is None:
-            rendered = self.render(response, keep_alive)
-            if route.without_body and response.body:  # HEAD: the head GET would get, Content-Length included
-                rendered = rendered[: -len(response.body)]
-            entry = cache[response] = [rendered, 0]
+            entry = cache[response] = [self.render(response, keep_alive, without_body=route.without_body), 0]
         return entry
 
-    def render(self, response: Response, keep_alive: bool, http10_keep_alive: bool = False) -> bytes:
+    def render(
+        self, response: Response, keep_alive: bool, http10_keep_alive: bool = False, without_body: bool = False
+    ) -> bytes:
+        """The answer's bytes; `without_body` (HEAD): the head GET would get, its Content-Length included."""
         status_line = STATUS_LINES.get(response.status) or _status_line(response.status)
         parts = [status_line, self.date_line, b"Content-Length: %d\r\n" % len(response.body)]
         if response.content_type:
@@ -109,5 +109,6 @@ class ResponseRenderer:
         elif http10_keep_alive:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        parts.append(response.body)
+        if not without_body:
+            parts.append(response.body)
         return b"".join(parts)

@@ -60,6 +60,15 @@ class RouteState:
         self.answers[status] = self.answers.get(status, 0) + 1
 
 
+def _answering_head(get: RouteState) -> RouteState:
+    """The route answering HEAD where `get` answers GET: the same handler and answers, without the body; counted as
+    `get`'s (one `answers`)."""
+    head = RouteState(get.name, get.handler, get.headers)
+    head.answers = get.answers
+    head.without_body = True
+    return head
+
+
 NOT_FOUND = constant_error(404, "not found")
 
 
@@ -78,7 +87,8 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
 
 class Router:
     __slots__ = (
-        "_method_not_allowed", "_prefixes", "body_limits", "exact", "invalid", "routes", "unmatched", "wanted_headers",
+        "_method_not_allowed", "_prefixes", "body_limits", "exact", "invalid", "routes", "unmatched", "unmatched_head",
+        "wanted_headers",
     )  # fmt: skip
 
     def __init__(self, routes: Iterable[Route]) -> None:
@@ -86,7 +96,8 @@ class Router:
         self._prefixes: list[tuple[bytes, dict[bytes, RouteState]]] = []
         self.unmatched = RouteState("unmatched")  # 404 and 405
         self.invalid = RouteState("invalid")  # requests refused before routing: 400, 408, 413, 431
-        self.routes: list[RouteState] = [self.unmatched, self.invalid]
+        self.unmatched_head = _answering_head(self.unmatched)  # 404 and 405 to HEAD: no body
+        self.routes: list[RouteState] = [self.unmatched, self.unmatched_head, self.invalid]
         wanted: set[bytes] = set()
         self.body_limits: dict[tuple[bytes, bytes], int] = {}  # (method, path) -> a route's own body limit
         for route in routes:
@@ -115,10 +126,7 @@ class Router:
             if route.head:
                 if route.method != b"GET" or b"HEAD" in table:
                     raise ValueError(f"route {route.method!r} {route.path!r} cannot answer HEAD")
-                head = RouteState(state.name, route.handler, route.headers)
-                head.answers = state.answers  # counted as the GET route's
-                head.without_body = True
-                table[b"HEAD"] = head
+                head = table[b"HEAD"] = _answering_head(state)
                 self.routes.append(head)
         self.wanted_headers = frozenset(wanted)  # what the protocol collects from requests: the union of the wishes
         self._prefixes.sort(key=lambda item: len(item[0]), reverse=True)  # longest prefix wins
