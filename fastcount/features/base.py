@@ -142,6 +142,12 @@ class FlushBuffer(ABC):
         return False
 
 
+def part_size(total: int, rows: int) -> int:
+    """The size of the parts `FlushBuffer.parts` cuts `total` rows into: as few parts of at most `rows` as possible,
+    of equal size (the last one smaller), so a batch just past the bound is not cut into a full part and a crumb."""
+    return -(-total // -(-total // rows))
+
+
 def _nothing() -> None:
     pass
 

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
+from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer, part_size
 from fastcount.features.events.query import InvalidQuery, parse_query, run_query
 from fastcount.features.events.store import DAY, SCHEMA, maintain, write_batch
 from fastcount.features.events.validation import (
@@ -231,10 +231,9 @@ class PendingEvents(FlushBuffer):
         if len(batch.events) <= rows:
             yield batch
             return
-        count = -(-len(batch.events) // rows)
-        size = -(-len(batch.events) // count)
+        size = part_size(len(batch.events), rows)
         items = iter(batch.events.items())
-        for _ in range(count):
+        for _ in range(0, len(batch.events), size):
             yield EventBatch(dict(islice(items, size)))
 
     def split(self, batch: EventBatch) -> list[EventBatch]:

@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import orjson
 import psycopg
 
-from fastcount.features.base import FlushBuffer
+from fastcount.features.base import FlushBuffer, part_size
 from fastcount.features.verve.schema import (
     COPY_ID_PARTS,
     CREATE_ID_PARTS,
@@ -289,7 +289,7 @@ class PendingIds(FlushBuffer):
         if total <= rows:
             yield batch
             return
-        size = -(-total // -(-total // rows))
+        size = part_size(total, rows)
         lists: list[tuple[bool, int, list[Any]]] = [(True, window, values) for window, values in ids.items()]
         lists += [(False, window, values) for window, values in endpoints.items()]
         part: Batch = ({}, {})
