@@ -146,8 +146,11 @@ class Settings:
                     "which fastcount does not know (see fastcount serve --help)",
                     "env_file",
                 )
-            unknown = [name for name in environ if name.startswith(ENV_PREFIX) and name not in known]
-            unknown = [name for name in unknown if not _internal_variable(name)]
+            unknown = [
+                name
+                for name in environ
+                if name.startswith(ENV_PREFIX) and name not in known and not _internal_variable(name)
+            ]
             if unknown:  # a misspelt variable would otherwise be ignored without a word, as in the env file
                 raise SettingError(
                     f"{braced(', '.join(sorted(unknown)))} set in the environment, which fastcount does not know"

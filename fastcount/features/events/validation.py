@@ -29,6 +29,7 @@ MAX_METADATA_BYTES = 4096  # the object as compact JSON
 # Objects and arrays nested in each other, the metadata object itself included. orjson encodes at most ~254 levels,
 # and the flush nests an event two levels deeper than here: a deeper event would be accepted and never written.
 MAX_METADATA_DEPTH = 32
+TOO_DEEP = f"'metadata' must nest objects and arrays at most {MAX_METADATA_DEPTH} levels deep"
 MAX_BULK = 1000
 
 REQUIRED = (
@@ -136,13 +137,11 @@ def check_event(item: object, clock: Clock) -> tuple[bytes, Event]:
         try:
             encoded = orjson.dumps(metadata)
         except TypeError:  # nested past orjson's own limit
-            encoded = b""
+            raise InvalidEvent(TOO_DEEP) from None
         # Each level opens a bracket: only a value with more brackets than the limit (some may be in strings) is
         # measured.
-        if not encoded or (
-            encoded.count(b"[") + encoded.count(b"{") > MAX_METADATA_DEPTH and _depth(metadata) > MAX_METADATA_DEPTH
-        ):
-            raise InvalidEvent(f"'metadata' must nest objects and arrays at most {MAX_METADATA_DEPTH} levels deep")
+        if encoded.count(b"[") + encoded.count(b"{") > MAX_METADATA_DEPTH and _depth(metadata) > MAX_METADATA_DEPTH:
+            raise InvalidEvent(TOO_DEEP)
         if len(encoded) > MAX_METADATA_BYTES:
             raise InvalidEvent(f"'metadata' must be at most {MAX_METADATA_BYTES} bytes as compact JSON")
         if b"\\u0000" in encoded and _holds_nul(metadata):
