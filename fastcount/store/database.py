@@ -1,6 +1,7 @@
 """Connections, the core schema and how migrations run.
 
-`fastcount_batches` is the flush ledger that makes a retried batch count once; `fastcount_dead_letters` keeps what
+`fastcount_batches` is the flush ledger that makes a retried batch count once (`fastcount_parts` does it for the parts
+of a batch committed in parts); `fastcount_dead_letters` keeps what
 PostgreSQL refused for good, with the error. Each feature brings its own tables (fastcount/app.py gathers them).
 Migrations are idempotent and serialised by an advisory lock, so every process may run them at start. Writing
 batches is the flusher's job (flusher.py), not this module's.
@@ -32,6 +33,20 @@ CORE_SCHEMA = [
         PRIMARY KEY (writer, seq)
     )
     """,
+    # One row per committed part of a batch cut in parts (flusher.py, rule 6), but its last, which carries the batch's
+    # row above instead. Keyed by the cut (a token of the process that cut the batch: a batch replayed from a dead
+    # worker's journal is cut again, differently), so a retry finds out whether its part committed from the database
+    # it writes to, as for a whole batch. The last part's transaction deletes the batch's rows here.
+    """
+    CREATE TABLE IF NOT EXISTS fastcount_parts (
+        writer text NOT NULL,
+        seq bigint NOT NULL,
+        cut text NOT NULL,
+        part integer NOT NULL,
+        committed_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (writer, seq, cut, part)
+    )
+    """,
     # Items PostgreSQL refused for good (a total past bigint, ...), committed in the same transaction as the rest of
     # their batch. `item` is JSON text (text, not jsonb: jsonb cannot hold every string a client may send).
     """
@@ -52,7 +67,10 @@ CORE_SCHEMA = [
 
 # A writer only ever retries its newest batch, so older rows of live writers are pruned by the writers themselves;
 # this removes what dead writers (stopped or killed workers) left behind.
-PRUNE_DEAD_WRITERS = "DELETE FROM fastcount_batches WHERE committed_at < now() - interval '7 days'"
+PRUNE_DEAD_WRITERS = [
+    "DELETE FROM fastcount_batches WHERE committed_at < now() - interval '7 days'",
+    "DELETE FROM fastcount_parts WHERE committed_at < now() - interval '7 days'",  # of batches no one finished
+]
 
 # TCP keepalives: a connection whose peer vanished (a half-open connection) is noticed in ~25 s, not hours.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
@@ -63,7 +81,8 @@ async def migrate_async(conn: psycopg.AsyncConnection[Any], schema: Sequence[str
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         for statement in [*CORE_SCHEMA, *schema]:
             await conn.execute(statement)
-        await conn.execute(PRUNE_DEAD_WRITERS)
+        for statement in PRUNE_DEAD_WRITERS:
+            await conn.execute(statement)
 
 
 async def connect(dsn: str, statement_timeout: float | None = None) -> psycopg.AsyncConnection[Any]:

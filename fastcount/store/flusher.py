@@ -29,9 +29,15 @@ Rules a lane keeps:
       did. A journal region without it is replayed whole (parts that had committed add nothing, by a); one with it
       was written whole.
    c. What a buffer derives in memory (a counter: the events' duplicates) is applied per transaction, only once
-      the lane knows it committed (`transaction_ended`). A COMMIT that got no answer is settled before its part is
-      written again: by the ledger row for the last part (rule 1), by txid_status() of the attempt's transaction for
-      the others.
+      the lane knows it committed (`transaction_ended`). A COMMIT that got no answer is settled as rule 1 settles a
+      whole batch's: each part's transaction starts by inserting its own ledger key, the batch's row for the last
+      part, (writer, seq, cut, part) in `fastcount_parts` for the others; the attempt that writes the part again fails
+      on that key if the first committed (or waits for it while it runs). The database it writes to tells, so a
+      failover that lost the first attempt's commit loses its key with it (a transaction id would not tell: the new
+      primary may have given the same id to a transaction of its own). `cut` names the process that cut the batch: a
+      batch replayed from a dead worker's journal is cut again, in another order. The last part deletes the parts' rows.
+   e. A replayed batch the dead worker had committed whole (its ledger row is there) is not written again part by part:
+      the lane goes straight to its last part, which the ledger row settles.
    d. Each part's write takes its row locks in key order (sorted in SQL) and holds them to its own COMMIT only, so
       parts, unlike bisection's halves in one transaction, need no order between them: they are cut in arrival order
       (sorting a batch of 1M events in Python holds the event loop ~2.5 s).
@@ -61,7 +67,11 @@ from fastcount.store.database import connect, migrate_async
 log = logging.getLogger(__name__)
 
 LEDGER_PKEY = "fastcount_batches_pkey"
-RECORD_BATCH = "INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%s, %s, %s, %s)"
+# The batch's ledger row; the rows of its parts before the last (of every cut: a dead worker's too) go with it.
+RECORD_BATCH = """
+    WITH parts AS (DELETE FROM fastcount_parts WHERE writer = %(writer)s AND seq = %(seq)s)
+    INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%(writer)s, %(seq)s, %(keys)s, %(total)s)
+"""
 # Once per (writer, seq, item): a part of a batch written again after a crash (rule 6) parks its refused items again.
 RECORD_DEAD_LETTER = """
     INSERT INTO fastcount_dead_letters (feature, writer, seq, item, sqlstate, error)
@@ -72,8 +82,9 @@ RECORD_DEAD_LETTER = """
     )
 """
 PRUNE_OWN_BATCHES = "DELETE FROM fastcount_batches WHERE writer = %s AND seq < %s"
-TRANSACTION_ID = "SELECT txid_current()"
-TRANSACTION_STATUS = "SELECT txid_status(%s)"  # committed, aborted, in progress, or NULL (too old to tell)
+PARTS_PKEY = "fastcount_parts_pkey"
+RECORD_PART = "INSERT INTO fastcount_parts (writer, seq, cut, part) VALUES (%s, %s, %s, %s)"
+BATCH_RECORDED = "SELECT 1 FROM fastcount_batches WHERE writer = %s AND seq = %s"
 PRUNE_EVERY_SECONDS = 60.0
 PING_WHEN_IDLE_FOR = 5.0  # seconds: an idle lane checks its connection, so `connected` means reachable
 RETRY_FIRST_DELAY = 0.1
@@ -85,20 +96,15 @@ FAILPOINT_ENV = "FASTCOUNT_FAILPOINT_DROP_AFTER_COMMIT"
 
 def is_permanent(error: BaseException) -> bool:
     """PostgreSQL refused the data itself (it would refuse it again): not worth a retry of the same rows."""
-    if isinstance(error, psycopg.errors.UniqueViolation) and error.diag.constraint_name == LEDGER_PKEY:
+    if isinstance(error, psycopg.errors.UniqueViolation) and error.diag.constraint_name in (LEDGER_PKEY, PARTS_PKEY):
         return False
     return isinstance(error, psycopg.DataError | psycopg.IntegrityError)
 
 
-class OutcomePending(Exception):
-    """An earlier attempt's transaction, whose COMMIT got no answer, is still running: try again later."""
-
-
 @dataclass
 class Doubt:
-    """An attempt at a part whose COMMIT got no answer (yet): what it wrote, and how to tell whether it committed."""
+    """An attempt at a part whose COMMIT got no answer (yet): what it wrote (its ledger key tells whether it did)."""
 
-    xid: int | None  # its transaction, for a part without the ledger row (the ledger row tells for the last part)
     rows: int
     parked: int
 
@@ -111,6 +117,7 @@ class InFlight:
     rows: int
     units: int
     parts: list[Any] | None = None  # the batch as the transactions it is committed in (rule 6), from its first write
+    cut: str = ""  # names this cut of the batch in part ledger keys (rule 6c)
     committed_parts: int = 0
     doubt: Doubt | None = None  # the attempt at parts[committed_parts] whose outcome is not known
     seconds: float = 0.0  # time the committed parts took, retries excluded
@@ -226,6 +233,7 @@ class Lane:
         retries later)."""
         if in_flight.parts is None:
             in_flight.parts = await self._parts(in_flight)
+            in_flight.cut = uuid.uuid4().hex[:12]
             if len(in_flight.parts) > 1:
                 in_flight.batch = None  # the parts hold every item: not kept twice (~70 MB at 1.4M events)
         while in_flight.committed_parts < len(in_flight.parts):
@@ -258,14 +266,16 @@ class Lane:
         try:
             async with asyncio.timeout(flusher.flush_timeout + 5):  # the statement timeout's backstop
                 conn = await self._connection()
-                rows, parked = await self._commit(conn, in_flight, parts[index], index == len(parts) - 1)
+                if index == 0 and len(parts) > 1 and in_flight.writer != self.writer and in_flight.doubt is None:
+                    index = in_flight.committed_parts = await self._first_part_to_write(conn, in_flight, parts)
+                rows, parked = await self._commit(conn, in_flight, parts[index], index, len(parts))
             if flusher.drop_after_commits > 0:
                 flusher.drop_after_commits -= 1
                 raise psycopg.OperationalError("injected failure: connection lost after COMMIT")
         except BaseException as error:
             if in_flight.doubt is None:  # it did not reach COMMIT: rolled back
                 self.buffer.transaction_ended(False)
-            if not isinstance(error, psycopg.Error | OSError | TimeoutError | OutcomePending):
+            if not isinstance(error, psycopg.Error | OSError | TimeoutError):
                 raise
             await self._close()
             flusher.stats.flush_errors += 1
@@ -298,25 +308,39 @@ class Lane:
             flusher.stats.dead_letters += parked
         return True
 
+    async def _first_part_to_write(
+        self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, parts: list[Any]
+    ) -> int:
+        """Rule 6e: a batch replayed from a dead worker's journal starts at its last part if the dead worker had
+        committed it whole."""
+        if not await (await conn.execute(BATCH_RECORDED, (in_flight.writer, in_flight.seq))).fetchone():
+            return 0
+        log.warning(
+            "event=recovered_batch_committed_whole writer=%s seq=%d parts_skipped=%d", in_flight.writer,
+            in_flight.seq, len(parts) - 1,
+        )  # fmt: skip
+        return len(parts) - 1
+
     async def _commit(
-        self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, part: Any, last: bool
+        self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, part: Any, index: int, parts: int
     ) -> tuple[int, int]:
-        """One transaction: a part of the batch (the whole batch, unless rule 6 cut it), and the ledger row with the
-        last part. (rows written, units parked as dead letters)."""
-        doubt = in_flight.doubt
-        if doubt is not None and not last:
-            if await self._committed(conn, in_flight, doubt):
-                return doubt.rows, doubt.parked
-            self._forget(in_flight)
+        """One transaction: a part of the batch (the whole batch, unless rule 6 cut it) with its ledger key (rule 6c).
+        (rows written, units parked as dead letters)."""
         try:
             async with conn.transaction():
-                xid = await self._begin(conn, in_flight, last)
+                await self._begin(conn, in_flight, index, parts)
                 rows = await self.buffer.write(conn, part)
-                in_flight.doubt = Doubt(xid, rows, 0)  # from here until COMMIT answers, the outcome is unknown
+                in_flight.doubt = Doubt(rows, 0)  # from here until COMMIT answers, the outcome is unknown
             return rows, 0
         except (psycopg.DataError, psycopg.IntegrityError) as error:
-            if not is_permanent(error):  # the ledger's own key: this very batch committed before
-                log.warning("event=batch_already_committed writer=%s seq=%d", in_flight.writer, in_flight.seq)
+            if not is_permanent(error):  # the ledger key of this very batch or part: it committed before
+                if index == parts - 1:
+                    log.warning("event=batch_already_committed writer=%s seq=%d", in_flight.writer, in_flight.seq)
+                else:
+                    log.warning(
+                        "event=part_already_committed writer=%s seq=%d part=%d/%d", in_flight.writer, in_flight.seq,
+                        index + 1, parts,
+                    )  # fmt: skip
                 doubt = in_flight.doubt  # an attempt of ours, if its COMMIT got no answer: what it wrote
                 return (doubt.rows, doubt.parked) if doubt is not None else (0, 0)
         self.buffer.transaction_ended(False)
@@ -328,53 +352,31 @@ class Lane:
             in_flight.rows,
         )
         async with conn.transaction():
-            xid = await self._begin(conn, in_flight, last)
+            await self._begin(conn, in_flight, index, parts)
             rows, parked = await self._write_isolating(conn, in_flight, part)
-            in_flight.doubt = Doubt(xid, rows, parked)
+            in_flight.doubt = Doubt(rows, parked)
         return rows, parked
 
-    async def _begin(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, last: bool) -> int | None:
-        """A part's transaction starts with the batch's ledger row if it is the last part (which also settles an
-        earlier attempt in doubt: had that committed, the row would be there), else by naming its transaction id,
-        by which a doubt about this attempt is settled."""
-        if last:
-            await self._record(conn, in_flight)
-            if in_flight.doubt is not None:
-                self._forget(in_flight)
-            return None
-        row = await (await conn.execute(TRANSACTION_ID)).fetchone()
-        return int(row[0]) if row else None
-
-    async def _committed(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, doubt: Doubt) -> bool:
-        """Whether the attempt in doubt committed; OutcomePending while its transaction still runs."""
-        status = None
-        if doubt.xid is not None:
-            try:
-                row = await (await conn.execute(TRANSACTION_STATUS, (doubt.xid,))).fetchone()
-                status = row[0] if row else None
-            except psycopg.DataError:  # "in the future": another cluster now (a restore, a failover) cannot tell
-                status = None
-        if status == "in progress":
-            raise OutcomePending(f"the transaction {doubt.xid} of an earlier attempt is still in progress")
-        if status == "committed":
-            log.warning(
-                "event=part_already_committed writer=%s seq=%d part=%d", in_flight.writer, in_flight.seq,
-                in_flight.committed_parts + 1,
-            )  # fmt: skip
-            return True
-        if status is None:  # cannot be told: written again, which stores nothing twice (rule 6)
-            log.warning(
-                "event=part_outcome_unknown writer=%s seq=%d xid=%s", in_flight.writer, in_flight.seq, doubt.xid
-            )
-        return False
+    async def _begin(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, index: int, parts: int) -> None:
+        """A part's transaction starts with its ledger key (rule 6c). Once that is in, an earlier attempt in doubt
+        did not commit (its key would be there, or this insert would have waited for it)."""
+        if index == parts - 1:
+            ledger = {
+                "writer": in_flight.writer,
+                "seq": in_flight.seq,
+                "keys": in_flight.rows,
+                "total": in_flight.units,
+            }
+            await conn.execute(RECORD_BATCH, ledger)
+        else:
+            await conn.execute(RECORD_PART, (in_flight.writer, in_flight.seq, in_flight.cut, index))
+        if in_flight.doubt is not None:
+            self._forget(in_flight)
 
     def _forget(self, in_flight: InFlight) -> None:
         """The attempt in doubt did not commit: what the buffer derived from its writes goes."""
         in_flight.doubt = None
         self.buffer.transaction_ended(False)
-
-    async def _record(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight) -> None:
-        await conn.execute(RECORD_BATCH, (in_flight.writer, in_flight.seq, in_flight.rows, in_flight.units))
 
     async def _write_isolating(
         self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, batch: Any
