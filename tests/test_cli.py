@@ -138,7 +138,7 @@ def test_migrate_creates_the_schema_idempotently(database: Database) -> None:
             assert result.returncode == 0, result.stderr
         with psycopg.connect(dsn) as conn:
             tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-        core = {"counters", "fastcount_batches", "fastcount_dead_letters"}
+        core = {"counters", "fastcount_batches", "fastcount_parts", "fastcount_dead_letters"}
         assert tables == core | {"events", "event_users", "event_rollups"} | {
             "verve_ids",
             "verve_endpoints",

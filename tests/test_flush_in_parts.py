@@ -407,16 +407,18 @@ def test_a_part_in_doubt_is_settled_by_its_ledger_key_and_never_guessed_while_it
         assert database.query("SELECT count(*) FROM fastcount_parts WHERE writer = %s", (lane.writer,)) == [(0,)], (
             "the last part removes the parts' keys"
         )
+        # What the attempt derived counts once if it committed, never if not; the timed-out wait settled nothing.
+        assert buffer.ended == ([True, True] if outcome == "commit" else [False, True, True])
 
     asyncio.run(scenario())
 
 
-def test_a_part_in_doubt_the_database_lost_is_written_again_whatever_its_transaction_id_became(
-    database: Database, prefix: str
-) -> None:
+def test_a_part_in_doubt_whose_key_the_database_does_not_hold_is_written_again(database: Database, prefix: str) -> None:
     """Review: an attempt whose COMMIT got no answer, on a primary that then failed over to a replica that never
     received it. Settled by a transaction id, the new primary could call it committed (it may have given the same id to
-    a transaction of its own since) and the part's items were lost. Its ledger key went with it: written again."""
+    a transaction of its own since) and the part's items were lost. Nothing reads transaction ids now (so this test
+    cannot replay that reuse): the attempt's ledger key went with the failover, so the part is written again, and what
+    the attempt derived is forgotten."""
     table = "test_lost_" + prefix.strip("-")
     database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
 
@@ -472,6 +474,34 @@ def test_a_recovered_batch_is_cut_again_and_a_dead_workers_part_keys_do_not_skip
     assert sorted(str(item) for (item,) in database.query(f"SELECT item FROM {table}")) == ["a", "b", "c", "d"]
     assert database.query("SELECT count(*) FROM fastcount_batches WHERE writer = %s AND seq = 7", (dead,)) == [(1,)]
     assert database.query("SELECT count(*) FROM fastcount_parts WHERE writer = %s", (dead,)) == [(0,)]
+
+
+def test_a_recovered_part_in_doubt_is_settled_before_the_ledger_row_can_skip_it(
+    database: Database, prefix: str
+) -> None:
+    """The adopter's first part is in doubt (its attempt rolled back, no key), and the batch's ledger row is there
+    (the dead worker's own session committed everything before it died). Skipping to the last part would count the
+    rolled-back attempt's derived state as committed: the doubt is settled first, by the part's key."""
+    table = "test_doubt_adopted_" + prefix.strip("-")
+    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
+    dead = f"dead/{prefix}/rows"
+    database.query(f"INSERT INTO {table} (item) VALUES ('a'), ('b'), ('c'), ('d')")
+    database.query("INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%s, 5, 4, 4)", (dead,))
+
+    async def scenario() -> IdempotentRows:
+        buffer = IdempotentRows(table, 2)
+        lane = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", WorkerStats()).lanes["rows"]
+        in_flight = InFlight(dead, 5, None, 4, 4, parts=[["a", "b"], ["c", "d"]], cut="cut1")
+        in_flight.doubt = Doubt(2, 0)
+        try:
+            assert await lane._write(in_flight)
+        finally:
+            await lane._close()
+        return buffer
+
+    buffer = asyncio.run(scenario())
+    assert buffer.ended == [False, True, True], "the attempt in doubt forgotten, part 1 written again, part 2 settled"
+    assert database.query(f"SELECT count(*) FROM {table}") == [(4,)]
 
 
 def test_a_recovered_batch_the_dead_worker_committed_whole_is_not_written_again_part_by_part(

@@ -1,10 +1,9 @@
 """Connections, the core schema and how migrations run.
 
 `fastcount_batches` is the flush ledger that makes a retried batch count once (`fastcount_parts` does it for the parts
-of a batch committed in parts); `fastcount_dead_letters` keeps what
-PostgreSQL refused for good, with the error. Each feature brings its own tables (fastcount/app.py gathers them).
-Migrations are idempotent and serialised by an advisory lock, so every process may run them at start. Writing
-batches is the flusher's job (flusher.py), not this module's.
+of a batch committed in parts); `fastcount_dead_letters` keeps what PostgreSQL refused for good, with the error. Each
+feature brings its own tables (fastcount/app.py gathers them). Migrations are idempotent and serialised by an advisory
+lock, so every process may run them at start. Writing batches is the flusher's job (flusher.py), not this module's.
 """
 
 from __future__ import annotations
@@ -34,9 +33,9 @@ CORE_SCHEMA = [
     )
     """,
     # One row per committed part of a batch cut in parts (flusher.py, rule 6), but its last, which carries the batch's
-    # row above instead. Keyed by the cut (a token of the process that cut the batch: a batch replayed from a dead
-    # worker's journal is cut again, differently), so a retry finds out whether its part committed from the database
-    # it writes to, as for a whole batch. The last part's transaction deletes the batch's rows here.
+    # row above instead. Keyed by the cut (a random token of one cut of the batch: one replayed from a dead worker's
+    # journal is cut again, maybe differently), so a retry finds out whether its part committed from the database it
+    # writes to, as for a whole batch. The last part's transaction deletes the batch's rows here.
     """
     CREATE TABLE IF NOT EXISTS fastcount_parts (
         writer text NOT NULL,

@@ -25,19 +25,20 @@ Rules a lane keeps:
    a. Writing an idempotent buffer's item again stores nothing twice, and whatever else its write does (rollups,
       user numbers) is derived from the rows it inserted in its own transaction: a committed part written again adds
       nothing. Dead letters are parked once per (writer, seq, item).
-   b. Recovery is unchanged: the ledger holds (writer, seq) only once the last part committed, so after every part
-      did. A journal region without it is replayed whole (parts that had committed add nothing, by a); one with it
-      was written whole.
+   b. Recovery: the ledger holds (writer, seq) only once the last part committed, so after every part did. A journal
+      region without it is replayed whole (parts that had committed add nothing, by a). One with it was written
+      whole: its replay goes straight to its last part, which the ledger row settles (a batch of 1.4M events is not
+      written again part by part, each event counted as a duplicate dropped).
    c. What a buffer derives in memory (a counter: the events' duplicates) is applied per transaction, only once
       the lane knows it committed (`transaction_ended`). A COMMIT that got no answer is settled as rule 1 settles a
       whole batch's: each part's transaction starts by inserting its own ledger key, the batch's row for the last
       part, (writer, seq, cut, part) in `fastcount_parts` for the others; the attempt that writes the part again fails
       on that key if the first committed (or waits for it while it runs). The database it writes to tells, so a
       failover that lost the first attempt's commit loses its key with it (a transaction id would not tell: the new
-      primary may have given the same id to a transaction of its own). `cut` names the process that cut the batch: a
-      batch replayed from a dead worker's journal is cut again, in another order. The last part deletes the parts' rows.
-   e. A replayed batch the dead worker had committed whole (its ledger row is there) is not written again part by part:
-      the lane goes straight to its last part, which the ledger row settles.
+      primary may have given the same id to a transaction of its own). `cut` is a random token of one cut of the
+      batch (one in-flight batch): a batch replayed from a dead worker's journal is cut again, maybe in another order,
+      so the dead worker's part keys tell nothing about the new parts (those parts are written again, by a). The last
+      part deletes the parts' rows.
    d. Each part's write takes its row locks in key order (sorted in SQL) and holds them to its own COMMIT only, so
       parts, unlike bisection's halves in one transaction, need no order between them: they are cut in arrival order
       (sorting a batch of 1M events in Python holds the event loop ~2.5 s).
@@ -67,11 +68,13 @@ from fastcount.store.database import connect, migrate_async
 log = logging.getLogger(__name__)
 
 LEDGER_PKEY = "fastcount_batches_pkey"
-# The batch's ledger row; the rows of its parts before the last (of every cut: a dead worker's too) go with it.
-RECORD_BATCH = """
-    WITH parts AS (DELETE FROM fastcount_parts WHERE writer = %(writer)s AND seq = %(seq)s)
-    INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%(writer)s, %(seq)s, %(keys)s, %(total)s)
-"""
+RECORD_BATCH = (
+    "INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%(writer)s, %(seq)s, %(keys)s, %(total)s)"
+)
+# An idempotent buffer's: the rows of the parts before the last (of every cut: a dead worker's too) go with it.
+RECORD_IDEMPOTENT_BATCH = (
+    f"WITH parts AS (DELETE FROM fastcount_parts WHERE writer = %(writer)s AND seq = %(seq)s) {RECORD_BATCH}"
+)
 # Once per (writer, seq, item): a part of a batch written again after a crash (rule 6) parks its refused items again.
 RECORD_DEAD_LETTER = """
     INSERT INTO fastcount_dead_letters (feature, writer, seq, item, sqlstate, error)
@@ -367,7 +370,7 @@ class Lane:
                 "keys": in_flight.rows,
                 "total": in_flight.units,
             }
-            await conn.execute(RECORD_BATCH, ledger)
+            await conn.execute(RECORD_IDEMPOTENT_BATCH if self.buffer.idempotent else RECORD_BATCH, ledger)
         else:
             await conn.execute(RECORD_PART, (in_flight.writer, in_flight.seq, in_flight.cut, index))
         if in_flight.doubt is not None:
