@@ -18,7 +18,9 @@ Rules a lane keeps:
    flushed.
 5. Every statement has a timeout and the connection TCP keepalives: a half-open connection cannot hang a lane.
    --flush-timeout bounds one transaction (rule 6 keeps an idempotent buffer's transactions small however large its
-   batch: one of 1.4M events took longer than the timeout, and was retried whole, forever).
+   batch: one of 1.4M events took longer than the timeout, and was retried whole, forever). A batch that must be one
+   transaction (increments: sums) gets longer when its size needs it, one second per ROWS_PER_TIMEOUT_SECOND rows:
+   with --flush-timeout 3, a backlog of 1M keys (~4-7 s to merge here) timed out on every attempt, forever.
 6. An idempotent buffer's batch of more than its `transaction_rows` is committed in parts (`FlushBuffer.parts`, cut
    once, the same on every attempt), one transaction each, the ledger row with the last part only. A failed part is
    retried as rule 2 says (bisection within that part) from the first part not committed. Why this stays exact:
@@ -91,6 +93,8 @@ BATCH_RECORDED = "SELECT 1 FROM fastcount_batches WHERE writer = %s AND seq = %s
 PRUNE_EVERY_SECONDS = 60.0
 PING_WHEN_IDLE_FOR = 5.0  # seconds: an idle lane checks its connection, so `connected` means reachable
 RETRY_FIRST_DELAY = 0.1
+ROWS_PER_TIMEOUT_SECOND = 50_000  # rule 5: a third of the merge rate measured here (1M keys in ~7 s)
+EXTEND_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"  # this transaction only
 RETRY_MAX_DELAY = 5.0
 # Test-only fault injection: drop the connection right after this many successful COMMITs, as a network failure
 # would, so the caller cannot know the outcome. Read once at start; unset in production.
@@ -266,12 +270,13 @@ class Lane:
         flusher = self.flusher
         index = in_flight.committed_parts
         started = time.perf_counter()
+        timeout = flusher.flush_timeout if len(parts) > 1 else self._timeout_for(in_flight.rows)
         try:
-            async with asyncio.timeout(flusher.flush_timeout + 5):  # the statement timeout's backstop
+            async with asyncio.timeout(timeout + 5):  # the statement timeout's backstop
                 conn = await self._connection()
                 if index == 0 and len(parts) > 1 and in_flight.writer != self.writer and in_flight.doubt is None:
                     index = in_flight.committed_parts = await self._first_part_to_write(conn, in_flight, parts)
-                rows, parked = await self._commit(conn, in_flight, parts[index], index, len(parts))
+                rows, parked = await self._commit(conn, in_flight, parts[index], index, len(parts), timeout)
             if flusher.drop_after_commits > 0:
                 flusher.drop_after_commits -= 1
                 raise psycopg.OperationalError("injected failure: connection lost after COMMIT")
@@ -324,14 +329,18 @@ class Lane:
         )  # fmt: skip
         return len(parts) - 1
 
+    def _timeout_for(self, rows: int) -> float:
+        """Rule 5: --flush-timeout, or longer for a transaction whose size alone needs it."""
+        return max(self.flusher.flush_timeout, rows / ROWS_PER_TIMEOUT_SECOND)
+
     async def _commit(
-        self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, part: Any, index: int, parts: int
+        self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, part: Any, index: int, parts: int, timeout: float
     ) -> tuple[int, int]:
         """One transaction: a part of the batch (the whole batch, unless rule 6 cut it) with its ledger key (rule 6c).
         (rows written, units parked as dead letters)."""
         try:
             async with conn.transaction():
-                await self._begin(conn, in_flight, index, parts)
+                await self._begin(conn, in_flight, index, parts, timeout)
                 rows = await self.buffer.write(conn, part)
                 in_flight.doubt = Doubt(rows, 0)  # from here until COMMIT answers, the outcome is unknown
             return rows, 0
@@ -355,14 +364,18 @@ class Lane:
             in_flight.rows,
         )
         async with conn.transaction():
-            await self._begin(conn, in_flight, index, parts)
+            await self._begin(conn, in_flight, index, parts, timeout)
             rows, parked = await self._write_isolating(conn, in_flight, part)
             in_flight.doubt = Doubt(rows, parked)
         return rows, parked
 
-    async def _begin(self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, index: int, parts: int) -> None:
+    async def _begin(
+        self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, index: int, parts: int, timeout: float
+    ) -> None:
         """A part's transaction starts with its ledger key (rule 6c). Once that is in, an earlier attempt in doubt
         did not commit (its key would be there, or this insert would have waited for it)."""
+        if timeout > self.flusher.flush_timeout:
+            await conn.execute(EXTEND_TIMEOUT, (str(int(timeout * 1000)),))
         if index == parts - 1:
             ledger = {
                 "writer": in_flight.writer,
