@@ -519,17 +519,25 @@ def test_a_recovered_batch_is_cut_again_and_a_dead_workers_part_keys_do_not_skip
     assert database.query("SELECT count(*) FROM fastcount_parts WHERE writer = %s", (dead,)) == [(0,)]
 
 
+def committed_by_a_dead_worker(database: Database, table: str, seq: int, items: str) -> tuple[str, str]:
+    """A table of `items` (one letter each) and the ledger row of the dead worker's batch `seq` that wrote them."""
+    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
+    dead = f"dead/{table}/rows"
+    database.query(f"INSERT INTO {table} (item) SELECT unnest(%s::text[])", (list(items),))
+    database.query(
+        "INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%s, %s, %s, %s)",
+        (dead, seq, len(items), len(items)),
+    )
+    return table, dead
+
+
 def test_a_recovered_part_in_doubt_is_settled_before_the_ledger_row_can_skip_it(
     database: Database, prefix: str
 ) -> None:
     """The adopter's first part is in doubt (its attempt rolled back, no key), and the batch's ledger row is there
     (the dead worker's own session committed everything before it died). Skipping to the last part would count the
     rolled-back attempt's derived state as committed: the doubt is settled first, by the part's key."""
-    table = "test_doubt_adopted_" + prefix.strip("-")
-    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
-    dead = f"dead/{prefix}/rows"
-    database.query(f"INSERT INTO {table} (item) VALUES ('a'), ('b'), ('c'), ('d')")
-    database.query("INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%s, 5, 4, 4)", (dead,))
+    table, dead = committed_by_a_dead_worker(database, "test_doubt_adopted_" + prefix.strip("-"), 5, "abcd")
 
     async def scenario() -> IdempotentRows:
         buffer = IdempotentRows(table, 2)
@@ -553,11 +561,7 @@ def test_a_recovered_batch_the_dead_worker_committed_whole_is_not_written_again_
     """Review: the dead worker committed every part and the ledger row, and died before its journal learnt it. Its
     replayed batch was written again, part after part (stored nothing twice, but 1.4M events took minutes and counted
     each as a duplicate dropped), until the last part met the ledger row."""
-    table = "test_whole_again_" + prefix.strip("-")
-    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
-    dead = f"dead/{prefix}/rows"
-    database.query(f"INSERT INTO {table} (item) VALUES ('a'), ('b'), ('c'), ('d'), ('e')")
-    database.query("INSERT INTO fastcount_batches (writer, seq, keys, total) VALUES (%s, 3, 5, 5)", (dead,))
+    table, dead = committed_by_a_dead_worker(database, "test_whole_again_" + prefix.strip("-"), 3, "abcde")
 
     async def scenario() -> IdempotentRows:
         buffer = IdempotentRows(table, 2)
