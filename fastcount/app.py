@@ -21,6 +21,7 @@ from fastcount.features.verve import VerveFeature
 from fastcount.observability.stats import WorkerStats
 from fastcount.server.routing import Route
 from fastcount.settings import Settings
+from fastcount.store.database import connect
 from fastcount.store.flusher import Flusher, writer_identity
 from fastcount.store.journal import JournalFile, recover
 
@@ -33,6 +34,13 @@ FEATURES: list[type[Feature]] = [
     EventsFeature,
     VerveFeature,
 ]
+
+
+async def check_database(dsn: str, settings: Settings) -> list[str]:
+    """Every feature's reason, if any, why `settings` cannot serve against the database at `dsn`."""
+    async with await connect(dsn) as conn:
+        found = [await feature.check_database(conn, settings) for feature in FEATURES]
+    return [problem for problem in found if problem]
 
 
 def settings_sections() -> list[type]:

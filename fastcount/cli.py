@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import psycopg
 
 from fastcount import __version__
-from fastcount.app import APPLICATION, schema, settings_sections
+from fastcount.app import APPLICATION, check_database, schema, settings_sections
 from fastcount.observability.logs import configure_logging
 from fastcount.settings import Settings, knob_fields
 
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_database(dsn, settings.db_wait)
             if args.command == "migrate":
                 return 0
+            _refuse_what_the_database_cannot_serve(dsn, settings)
             return _serve(settings, dsn, overrides)
     except StartupError as error:
         return _fail(str(error), error.exit_code)
@@ -127,6 +128,15 @@ def _refuse_busy_ports(settings: Settings) -> None:
             refuse_a_port_in_use(settings.admin_host, settings.admin_port, "admin")
     except MasterError as error:
         raise StartupError(str(error)) from None
+
+
+def _refuse_what_the_database_cannot_serve(dsn: str, settings: Settings) -> None:
+    try:
+        problems = asyncio.run(check_database(dsn, settings))
+    except psycopg.Error as error:
+        raise StartupError(f"cannot check the database {mask_dsn(dsn)}: {_reason(error, dsn)}") from None
+    if problems:
+        raise StartupError("; ".join(problems), 2)
 
 
 def _fail(message: str, exit_code: int) -> int:

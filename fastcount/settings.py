@@ -25,10 +25,12 @@ def knob(
     minimum: float | None = None,
     maximum: float | None = None,
     default_text: str | None = None,
+    restart: bool = False,
 ) -> Any:
     """A setting: its default, its help line and its checks; features declare theirs with it too.
-    default_text: how --help and the docs show a default that depends on the machine."""
-    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "default_text": default_text}
+    default_text: how --help and the docs show a default that depends on the machine. restart: a reload keeps the
+    value the master started with (a feature's, like the core's RESTART_ONLY in server/master.py)."""
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "default_text": default_text, "restart": restart}
     return field(default=default, metadata=metadata)
 
 

@@ -8,14 +8,17 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from conftest import Database, Server, StartServer
+from conftest import ROOT, Database, Server, StartServer, free_port
 from httpclient import request
 from verve_support import (
     WINDOW,
@@ -325,3 +328,35 @@ def test_a_bad_report_log_path_is_logged_and_the_job_keeps_trying(
     blocker.unlink()  # the path becomes usable: the job, still running, reports
     wait_for(lambda: report_lines(log), 60, "a report line once the log path is writable")
     assert server.process.poll() is None
+
+
+def test_the_databases_window_is_kept_by_a_reload_and_another_is_refused_at_start(
+    start_server: StartServer, db: Database, tmp_path: Path
+) -> None:
+    """New-user trial: a reload from 20 to 30 s windows reported a window that never held ids and left two that did
+    unreported; an instance started with another window wrote its rows into the shared table. A database keeps the
+    window of its first start."""
+    env_file = tmp_path / "fastcount.env"
+    env_file.write_text(f"FASTCOUNT_VERVE_WINDOW={WINDOW}\n")
+    log = tmp_path / "verve.log"
+    server = start_server(
+        "--env-file", str(env_file), "--verve-lease", "1", "--verve-log", str(log), workers=1, dsn=db.dsn
+    )  # fmt: skip
+    env_file.write_text(f"FASTCOUNT_VERVE_WINDOW={WINDOW + 1}\n")
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"event=reload_done generation=1")
+    assert "event=reload_settings_need_restart settings=verve_window" in server.log
+    reloaded_at = time.time()
+    wait_for(lambda: [line for line in report_lines(log) if _unix(line[0]) > reloaded_at], 30, "a report after it")
+    assert {int(seconds) for (seconds,) in db.query("SELECT DISTINCT window_seconds FROM verve_windows")} == {WINDOW}  # type: ignore[call-overload]
+    refused = subprocess.run(
+        [sys.executable, "-m", "fastcount", "serve", "--dsn", db.dsn, "--verve-window", str(WINDOW + 1),
+         "--port", str(free_port()), "--admin-port", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert f"--verve-window {WINDOW + 1} differs from this database's window, {WINDOW} s" in refused.stderr
+
+
+def _unix(iso_utc: str) -> float:
+    return datetime.strptime(iso_utc, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()

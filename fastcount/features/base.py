@@ -184,3 +184,9 @@ class Feature(ABC):
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Called after the last flush, before the worker exits."""
+
+    @classmethod
+    async def check_database(cls, conn: psycopg.AsyncConnection[Any], settings: Settings) -> str | None:
+        """At `fastcount serve`'s start, once the schema is in place: why these settings cannot serve against this
+        database (the start is refused with it, exit 2), or None."""
+        return None

@@ -41,7 +41,7 @@ from fastcount.observability.admin import AdminServer
 from fastcount.observability.metrics import MetricsBook
 from fastcount.observability.systemd import SystemdNotifier
 from fastcount.server.worker import CONFIG_ENV, worker_config
-from fastcount.settings import Settings
+from fastcount.settings import Settings, knob_fields
 from fastcount.store.journal import recover
 
 log = logging.getLogger(__name__)
@@ -698,9 +698,12 @@ class Master:
             return
         kept = {name: getattr(self.settings, name) for name in RESTART_ONLY}
         changed = [name for name, value in kept.items() if getattr(fresh, name) != value]
+        restart_only = [spec.name for _, spec in knob_fields(self.sections) if spec.metadata.get("restart")]
+        kept_sections = {name: self.settings.sections[name] for name in restart_only if name in self.settings.sections}
+        changed += [name for name, value in kept_sections.items() if fresh.sections.get(name) != value]
         if changed:
             log.warning("event=reload_settings_need_restart settings=%s action=keep_current", ",".join(changed))
-        self.settings = dataclasses.replace(fresh, **kept)
+        self.settings = dataclasses.replace(fresh, **kept, sections={**fresh.sections, **kept_sections})
 
     def _abort_reload(self, worker: WorkerProcess) -> None:
         """The new code or settings do not boot: keep the workers that serve, and go back to what they run."""

@@ -23,10 +23,11 @@ from fastcount.features.verve.accept import FAILED, OK, PendingIds, parse_endpoi
 from fastcount.features.verve.callbacks import OUTCOMES, Callbacks
 from fastcount.features.verve.outbox import KafkaOutbox
 from fastcount.features.verve.reporter import Reporter
-from fastcount.features.verve.schema import SCHEMA
+from fastcount.features.verve.schema import KEEP_WINDOW_SECONDS, SCHEMA, WINDOW_SECONDS
 from fastcount.features.verve.settings import VerveSettings
 from fastcount.server.responses import Response
 from fastcount.server.routing import Route
+from fastcount.settings import Settings
 from fastcount.store.database import connect
 from fastcount.store.flusher import writer_identity
 
@@ -55,6 +56,22 @@ class VerveFeature(Feature):
         self.outbox: KafkaOutbox | None = None
         self.callbacks: Callbacks | None = None
         self.endpoints_dropped_logged = 0
+
+    @classmethod
+    async def check_database(cls, conn: psycopg.AsyncConnection[Any], settings: Settings) -> str | None:
+        """Windows of two sizes in one database cannot be reported exactly (nor aligned: a reload from 20 to 30 s
+        reported a window that never held ids and left two that did unreported), so its first size stays."""
+        window = settings.section(VerveSettings).verve_window
+        await conn.execute(KEEP_WINDOW_SECONDS, (window,))
+        row = await (await conn.execute(WINDOW_SECONDS)).fetchone()
+        kept = int(row[0]) if row else window
+        if kept == window:
+            return None
+        return (
+            f"{Settings.flag_name('verve_window')} {window} differs from this database's window, {kept} s (kept since"
+            f" its first start; every instance sharing the database uses it): start with"
+            f" {Settings.flag_name('verve_window')} {kept}, or see 'Changing the window' in the README"
+        )
 
     def routes(self) -> list[Route]:
         return [Route(b"GET", b"/api/verve/accept", self.handle_accept, name="verve_accept")]

@@ -5,7 +5,7 @@
 - verve_endpoints: one row per (window, endpoint), and the outcome of its one callback.
 - verve_windows: one row per window due for a report: the report claim (a lease), the count, the Kafka outbox.
 - verve_meta: first_start, the feature's first start in this database: windows are reported (0 when empty) from the
-  window that contains it.
+  window that contains it; window_seconds, the window size every instance sharing the database must use.
 """
 
 from __future__ import annotations
@@ -93,6 +93,14 @@ FIRST_WINDOW_SOURCES = """
            (SELECT min(window_start) FROM verve_ids),
            (SELECT max(window_start) FROM verve_windows)
 """
+# The window size of this database's reports: the first start's (or, in a database from before it was kept, that of
+# the newest window). Every instance sharing the database must use it (fastcount/features/verve/__init__.py).
+KEEP_WINDOW_SECONDS = """
+    INSERT INTO verve_meta (name, value)
+    SELECT 'window_seconds', coalesce((SELECT window_seconds FROM verve_windows ORDER BY window_start DESC LIMIT 1), %s)
+    ON CONFLICT (name) DO NOTHING
+"""
+WINDOW_SECONDS = "SELECT value FROM verve_meta WHERE name = 'window_seconds'"
 ENSURE_WINDOWS = """
     INSERT INTO verve_windows (window_start, window_seconds)
     SELECT start, %(seconds)s FROM generate_series(%(first)s::bigint, %(last)s::bigint, %(seconds)s::bigint) AS start

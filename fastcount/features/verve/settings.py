@@ -40,7 +40,13 @@ def parse_allow_list(raw: str) -> AllowList:
 
 @dataclass(frozen=True)
 class VerveSettings:
-    verve_window: int = knob(60, "seconds per unique-id window (windows are aligned to the Unix epoch)", minimum=1)
+    verve_window: int = knob(
+        60,
+        "seconds per unique-id window (windows are aligned to the Unix epoch); the same for every instance sharing"
+        " the database, which keeps the one it was first started with",
+        minimum=1,
+        restart=True,
+    )
     verve_grace: float = knob(
         0.0, "seconds after a window closes before it is reported; 0: twice --flush-interval plus one second", minimum=0
     )
