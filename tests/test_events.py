@@ -241,6 +241,7 @@ def test_metrics_exact_for_each_grouping_filter_and_unaligned_range(
     assert answer["unique_users"] < sum(group["unique_users"] for group in answer["groups"])  # type: ignore[attr-defined]
     assert request(server.port, "GET", "/metrics?event_name=x&group_by=week")[0] == 400
     assert request(server.port, "GET", "/metrics?from=1")[0] == 400
+    assert request(server.port, "GET", "/metrics?event_name=sign%00up")[0] == 400  # new-user trial: it was 503
     status, _, body = request(server.port, "GET", f"/metrics?event_name={names[0]}&from=0&to={2**40 - 1}")
     assert (status, json.loads(body)["error"][:37]) == (400, "'to' - 'from' must be at most 7862400")
     # The longest range allowed (retention 90 days + 1) answers the same as the 50 hours holding every event.

@@ -161,6 +161,8 @@ def test_replay_clock_skips_time_rules_only() -> None:
         (b"event_name=a&from=10&to=10", "'from' must be before 'to'"),
         (b"event_name=a&group_by=week", "'group_by' must be channel, hour or day"),
         (b"event_name=a&channel=", "'channel' must be 1 to 64 bytes"),
+        (b"event_name=a&channel=w%00b", r"'channel' must not contain NUL \(U\+0000\)"),
+        (b"event_name=sign%00up", r"'event_name' must not contain NUL \(U\+0000\)"),  # was a 503 to retry forever
         (b"event_name=a&user=1", "unknown parameter 'user'"),
         (b"event_name=a&event_name=b", "'event_name' given more than once"),
         (b"event_name=%ff", "query string must be UTF-8"),

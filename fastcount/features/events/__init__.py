@@ -41,6 +41,7 @@ ACCEPTED_ONE = json_response(202, {"accepted": 1}, cacheable=True)
 BAD_JSON = constant_error(400, "body must be JSON: one event object or an array of them")
 OVERLOADED = constant_error(503, "too many pending events; retry later", ((b"Retry-After", b"1"),))
 DATABASE_UNAVAILABLE = constant_error(503, "database unavailable", ((b"Retry-After", b"1"),))
+QUERY_FAILED = constant_error(500, "the metrics query failed (logged as event=metrics_query_failed)")
 SNAPSHOT_MARK = b"S"  # starts a journal record holding every pending event; no JSON text starts with it
 MAINTAIN_EVERY = 3600.0
 MAINTAIN_RETRY = 60.0
@@ -354,8 +355,11 @@ class EventsFeature(Feature):
         try:
             async with self.read_pool.connection() as conn:
                 answer = await run_query(conn, metrics_query)
-        except (psycopg.Error, OSError, TimeoutError):
+        except (psycopg.OperationalError, OSError, TimeoutError):
             return DATABASE_UNAVAILABLE
+        except psycopg.Error:  # PostgreSQL refused the query itself: a bug of ours, not a reason to retry (503)
+            log.exception("event=metrics_query_failed query=%r", query)
+            return QUERY_FAILED
         return json_response(200, answer)
 
     async def maintain_partitions(self) -> None:

@@ -88,6 +88,8 @@ def parse_query(query: bytes, now: int, max_range: int = DEFAULT_MAX_RANGE) -> M
         raise InvalidQuery("'event_name' is required")
     if len(event_name.encode()) > MAX_EVENT_NAME_BYTES:
         raise InvalidQuery(f"'event_name' must be at most {MAX_EVENT_NAME_BYTES} bytes")
+    if "\x00" in event_name:  # no event can hold it; PostgreSQL would refuse the query (it answered 503, retry)
+        raise InvalidQuery("'event_name' must not contain NUL (U+0000)")
     end = _integer(params["to"], "to") if "to" in params else None
     start = _integer(params["from"], "from") if "from" in params else None
     if end is None:
@@ -101,8 +103,10 @@ def parse_query(query: bytes, now: int, max_range: int = DEFAULT_MAX_RANGE) -> M
             f"'to' - 'from' must be at most {max_range} seconds ({max_range / DAY:g} days: the retention plus a day)"
         )
     channel = params.get("channel")
-    if channel is not None and (not channel or len(channel.encode()) > MAX_CHANNEL_BYTES or "\x00" in channel):
+    if channel is not None and (not channel or len(channel.encode()) > MAX_CHANNEL_BYTES):
         raise InvalidQuery(f"'channel' must be 1 to {MAX_CHANNEL_BYTES} bytes")
+    if channel is not None and "\x00" in channel:
+        raise InvalidQuery("'channel' must not contain NUL (U+0000)")
     group_by = params.get("group_by")
     if group_by is not None and group_by not in GROUP_BY:
         raise InvalidQuery("'group_by' must be channel, hour or day")
