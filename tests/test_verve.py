@@ -319,9 +319,15 @@ def test_a_bad_report_log_path_is_logged_and_the_job_keeps_trying(
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the log's directory should be")
     log = blocker / "verve.log"
-    server = serve(start_server, db, log, expect_errors=(r"event=verve_job_failed step=report", r"^Traceback"))
+    admin = free_port()
+    server = serve(
+        start_server, db, log, "--admin-port", str(admin),
+        expect_errors=(r"event=verve_job_failed step=report", r"^Traceback"),
+    )  # fmt: skip
     server.wait_for_log(r"event=verve_job_failed step=report", timeout=30)
     assert "Traceback" in server.log  # logged as an error, with its cause
+    # counted where the README's alert looks (new-user trial: it stayed 0 while no report could be written)
+    wait_for(lambda: _job_failures(admin) > 0, 10, "fastcount_background_job_failures_total counting the failed step")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     assert accept(conn, "id=1") == (200, b"ok")
     conn.close()
@@ -360,3 +366,12 @@ def test_the_databases_window_is_kept_by_a_reload_and_another_is_refused_at_star
 
 def _unix(iso_utc: str) -> float:
     return datetime.strptime(iso_utc, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def _job_failures(admin_port: int) -> float:
+    _, _, body = request(admin_port, "GET", "/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith("fastcount_background_job_failures_total")
+    )

@@ -178,6 +178,7 @@ class VerveFeature(Feature):
                             await step(conn)
                     except Exception as error:  # a background job must outlive any one failure
                         failed = True
+                        self.context.stats.background_job_failures += 1  # what operators alert on (README)
                         retry = min(JOB_MAX_DELAY, max(interval, delay * 2))
                         if time.monotonic() - last_error_log.get(what, -JOB_ERROR_LOG_EVERY) >= JOB_ERROR_LOG_EVERY:
                             last_error_log[what] = time.monotonic()
