@@ -4,6 +4,7 @@ recording under a lost lease, due-ness from the database's clock, the callback r
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 
 from fastcount.features.verve.callbacks import Callbacks, CheckedResolver, Outcome, TargetRefused
+from fastcount.features.verve.outbox import KafkaOutbox
 from fastcount.features.verve.reporter import Reporter
 from fastcount.features.verve.schema import SCHEMA
 from fastcount.features.verve.settings import parse_allow_list
@@ -205,3 +207,19 @@ def test_a_flushed_batch_of_several_parts_and_windows_stores_each_id_once(db: Da
     asyncio.run(write())
     rows = db.query("SELECT window_start, count(*), min(id), max(id) FROM verve_ids GROUP BY 1 ORDER BY 1")
     assert rows == [(60, len(many), -5, ID_PART_SIZE * 2 + 6), (120, 3, -(2**63), 2**63 - 1), (180, 4, 1, 4)]
+
+
+def test_librdkafka_lines_while_the_broker_is_away_are_one_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """New-user trial: 7-8 ERROR lines a second per worker from librdkafka while the broker was unreachable (1,149 in
+    2.5 minutes), drowning the throttled event=verve_kafka_error."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    producer = KafkaOutbox("test", f"127.0.0.1:{closed}", "t", 5.0)._producer()
+    with caplog.at_level(logging.DEBUG, logger="fastcount.verve.kafka"):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            producer.poll(0.1)  # librdkafka hands its log lines over here, as in the outbox's step
+    lines = [record for record in caplog.records if record.name == "fastcount.verve.kafka"]
+    assert len(lines) == 1, [record.getMessage() for record in lines]
+    assert "Connection refused" in lines[0].getMessage()
