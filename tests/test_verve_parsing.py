@@ -16,7 +16,7 @@ from fastcount.features.verve.accept import (
     parse_id,
     parse_query,
 )
-from fastcount.features.verve.callbacks import callback_url, refusal
+from fastcount.features.verve.callbacks import callback_url, refusal, shown
 from fastcount.features.verve.outbox import report_message
 from fastcount.features.verve.reporter import Reporter, iso
 from fastcount.features.verve.settings import VerveSettings, parse_allow_list
@@ -172,3 +172,11 @@ def test_forgotten_seen_sets_are_freed_a_few_per_take_and_never_pile_up() -> Non
     assert len(ids.retired_seen) == 2 * SEEN_SHARDS - 2 * SHARDS_FREED_PER_TAKE
     assert ids.add_id(4, 111.0) is OK  # a new window, before flushes caught up: the old ones are dropped at once
     assert len(ids.retired_seen) == SEEN_SHARDS
+
+
+def test_logs_show_endpoints_without_their_user_info() -> None:
+    """New-user trial: http://user:pw@host/... went into event=verve_callback lines as it was."""
+    assert shown("http://user:secret@hooks.example/x?a=1") == "http://***@hooks.example/x?a=1"
+    assert shown("HTTPS://token@hooks.example/") == "HTTPS://***@hooks.example/"
+    assert shown("http://hooks.example/x?mail=a@b") == "http://hooks.example/x?mail=a@b", "an @ past the host is data"
+    assert shown("http://hooks.example/" + "x" * 300) == ("http://hooks.example/" + "x" * 300)[:200]

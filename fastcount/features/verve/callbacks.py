@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,12 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address in th
 CLAIM_LIMIT = 64
 BODY_READ_LIMIT = 4096
 OUTCOMES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "refused", "cancelled")
+_USERINFO = re.compile(r"^([a-z]+://)[^/?#@]*@", re.IGNORECASE)
+
+
+def shown(endpoint: str) -> str:
+    """An endpoint as logs show it: its first 200 characters, a password (or any user info) masked."""
+    return _USERINFO.sub(r"\1***@", endpoint)[:200]
 
 
 class TargetRefused(OSError):
@@ -181,13 +188,13 @@ class Callbacks:
             self.finished.append((window, endpoint, result))
             raise
         except Exception as error:  # a bug must not lose the outcome (nor kill anything)
-            log.exception("event=verve_callback_bug endpoint=%r", endpoint[:200])
+            log.exception("event=verve_callback_bug endpoint=%r", shown(endpoint))
             result = Outcome("error", None, f"{type(error).__name__}: {error}"[:500])
         self.by_outcome[result.outcome] += 1
         self.finished.append((window, endpoint, result))
         log.info(
             "event=verve_callback window_start=%s endpoint=%r outcome=%s status=%s error=%r",
-            iso(window), endpoint[:200], result.outcome, result.status, result.error,
+            iso(window), shown(endpoint), result.outcome, result.status, result.error,
         )  # fmt: skip
 
     async def call(self, window: int, endpoint: str, count: int) -> Outcome:
