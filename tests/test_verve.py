@@ -364,6 +364,24 @@ def test_the_databases_window_is_kept_by_a_reload_and_another_is_refused_at_star
     assert f"--verve-window {WINDOW + 1} differs from this database's window, {WINDOW} s" in refused.stderr
 
 
+def test_a_reload_keeps_the_default_window_too(start_server: StartServer, db: Database, tmp_path: Path) -> None:
+    """Review: a window left at its default (60 s) is in no settings dict, so the reload took the env file's new one."""
+    env_file = tmp_path / "fastcount.env"
+    env_file.write_text("FASTCOUNT_MAX_BODY=100000\n")
+    server = start_server("--env-file", str(env_file), workers=1, dsn=db.dsn)
+    env_file.write_text("FASTCOUNT_MAX_BODY=100000\nFASTCOUNT_VERVE_WINDOW=7\n")
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"event=reload_done generation=1")
+    assert "event=reload_settings_need_restart settings=verve_window" in server.log
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    assert accept(conn, "id=1") == (200, b"ok")
+    time.sleep(1.5)  # 7 s windows would put the two ids in different windows, at least one not a minute's start
+    assert accept(conn, "id=2") == (200, b"ok")
+    conn.close()
+    windows = wait_for(lambda: stored_ids(db) if len(set().union(*stored_ids(db).values(), set())) == 2 else None)
+    assert all(window % 60 == 0 for window in windows), windows
+
+
 def _unix(iso_utc: str) -> float:
     return datetime.strptime(iso_utc, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 

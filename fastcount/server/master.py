@@ -698,9 +698,13 @@ class Master:
             return
         kept = {name: getattr(self.settings, name) for name in RESTART_ONLY}
         changed = [name for name, value in kept.items() if getattr(fresh, name) != value]
-        restart_only = [spec.name for _, spec in knob_fields(self.sections) if spec.metadata.get("restart")]
-        kept_sections = {name: self.settings.sections[name] for name in restart_only if name in self.settings.sections}
-        changed += [name for name, value in kept_sections.items() if fresh.sections.get(name) != value]
+        # A feature's restart-only knobs, compared as resolved (a default is in no `sections` dict) and kept so
+        kept_sections: dict[str, Any] = {}
+        for owner, spec in knob_fields(self.sections):
+            if owner is not Settings and spec.metadata.get("restart"):
+                kept_sections[spec.name] = getattr(self.settings.section(owner), spec.name)
+                if getattr(fresh.section(owner), spec.name) != kept_sections[spec.name]:
+                    changed.append(spec.name)
         if changed:
             log.warning("event=reload_settings_need_restart settings=%s action=keep_current", ",".join(changed))
         self.settings = dataclasses.replace(fresh, **kept, sections={**fresh.sections, **kept_sections})
