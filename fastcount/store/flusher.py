@@ -18,9 +18,10 @@ Rules a lane keeps:
    flushed.
 5. Every statement has a timeout and the connection TCP keepalives: a half-open connection cannot hang a lane.
    --flush-timeout bounds one transaction (rule 6 keeps an idempotent buffer's transactions small however large its
-   batch: one of 1.4M events took longer than the timeout, and was retried whole, forever). A batch that must be one
-   transaction (increments: sums) gets longer when its size needs it, one second per ROWS_PER_TIMEOUT_SECOND rows:
-   with --flush-timeout 3, a backlog of 1M keys (~4-7 s to merge here) timed out on every attempt, forever.
+   batch: one of 1.4M events took longer than the timeout, and was retried whole, forever). A transaction gets longer
+   when its size needs it, one second per ROWS_PER_TIMEOUT_SECOND rows (a batch that must be one transaction,
+   increments: with --flush-timeout 3, a backlog of 1M keys, ~4-7 s to merge here, timed out on every attempt,
+   forever); its statement and idle-in-transaction timeouts both, and the attempt's backstop BACKSTOP_TIMEOUTS times.
 6. An idempotent buffer's batch of more than its `transaction_rows` is committed in parts (`FlushBuffer.parts`, cut
    once, the same on every attempt), one transaction each, the ledger row with the last part only. A failed part is
    retried as rule 2 says (bisection within that part) from the first part not committed. Why this stays exact:
@@ -94,7 +95,16 @@ PRUNE_EVERY_SECONDS = 60.0
 PING_WHEN_IDLE_FOR = 5.0  # seconds: an idle lane checks its connection, so `connected` means reachable
 RETRY_FIRST_DELAY = 0.1
 ROWS_PER_TIMEOUT_SECOND = 50_000  # rule 5: a third of the merge rate measured here (1M keys in ~7 s)
-EXTEND_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"  # this transaction only
+# This transaction only: its statements, and the time between them (a refused batch's bisection sorts its keys in
+# Python between statements: ~1.2 s for 1M keys, past a --flush-timeout of 1 s).
+EXTEND_TIMEOUT = (
+    "SELECT set_config('statement_timeout', %(ms)s, true), set_config('idle_in_transaction_session_timeout', %(ms)s,"
+    " true)"
+)
+# The backstop of a whole attempt at a part: its first transaction and, when PostgreSQL refuses some of the data, the
+# bisection's transaction, which writes the part again about twice and parks items, each statement within the
+# statement timeout.
+BACKSTOP_TIMEOUTS = 4
 RETRY_MAX_DELAY = 5.0
 # Test-only fault injection: drop the connection right after this many successful COMMITs, as a network failure
 # would, so the caller cannot know the outcome. Read once at start; unset in production.
@@ -270,9 +280,9 @@ class Lane:
         flusher = self.flusher
         index = in_flight.committed_parts
         started = time.perf_counter()
-        timeout = flusher.flush_timeout if len(parts) > 1 else self._timeout_for(in_flight.rows)
+        timeout = self._timeout_for(in_flight.rows if len(parts) == 1 else self.buffer.transaction_rows)
         try:
-            async with asyncio.timeout(timeout + 5):  # the statement timeout's backstop
+            async with asyncio.timeout(BACKSTOP_TIMEOUTS * timeout + 5):  # the statement timeout's backstop
                 conn = await self._connection()
                 if index == 0 and len(parts) > 1 and in_flight.writer != self.writer and in_flight.doubt is None:
                     index = in_flight.committed_parts = await self._first_part_to_write(conn, in_flight, parts)
@@ -375,7 +385,7 @@ class Lane:
         """A part's transaction starts with its ledger key (rule 6c). Once that is in, an earlier attempt in doubt
         did not commit (its key would be there, or this insert would have waited for it)."""
         if timeout > self.flusher.flush_timeout:
-            await conn.execute(EXTEND_TIMEOUT, (str(int(timeout * 1000)),))
+            await conn.execute(EXTEND_TIMEOUT, {"ms": str(int(timeout * 1000))})
         if index == parts - 1:
             ledger = {
                 "writer": in_flight.writer,
