@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from fastcount.features.verve.callbacks import Callbacks, CheckedResolver, Outcome, TargetRefused
-from fastcount.features.verve.outbox import KafkaOutbox
+from fastcount.features.verve.outbox import KafkaOutbox, OnePerInterval
 from fastcount.features.verve.reporter import Reporter
 from fastcount.features.verve.schema import SCHEMA
 from fastcount.features.verve.settings import parse_allow_list
@@ -216,6 +216,9 @@ def test_librdkafka_lines_while_the_broker_is_away_are_one_per_interval(caplog: 
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
     producer = KafkaOutbox("test", f"127.0.0.1:{closed}", "t", 5.0)._producer()
+    for throttle in logging.getLogger("fastcount.verve.kafka").filters:  # the process's: other tests' lines count
+        if isinstance(throttle, OnePerInterval):
+            throttle.last.clear()
     with caplog.at_level(logging.DEBUG, logger="fastcount.verve.kafka"):
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
@@ -223,3 +226,21 @@ def test_librdkafka_lines_while_the_broker_is_away_are_one_per_interval(caplog: 
     lines = [record for record in caplog.records if record.name == "fastcount.verve.kafka"]
     assert len(lines) == 1, [record.getMessage() for record in lines]
     assert "Connection refused" in lines[0].getMessage()
+
+
+def test_the_librdkafka_throttle_keeps_other_kinds_of_lines_and_says_what_it_left_out() -> None:
+    throttle = OnePerInterval()
+
+    def passes(level: int, message: str) -> str | None:
+        record = logging.LogRecord(
+            "fastcount.verve.kafka", level, __file__, 1, "%s %s", tuple(message.split(" ", 1)), None
+        )
+        return record.getMessage() if throttle.filter(record) else None
+
+    assert passes(logging.ERROR, "FAIL client refused") == "FAIL client refused"
+    assert passes(logging.ERROR, "FAIL client refused") is None
+    assert passes(logging.ERROR, "SASL client authentication failed") == "SASL client authentication failed"
+    assert passes(logging.WARNING, "FAIL client refused") == "FAIL client refused", "another level is another kind"
+    throttle.last[(logging.ERROR, "FAIL")] -= 31  # the interval has passed
+    shown = passes(logging.ERROR, "FAIL client refused")
+    assert shown is not None and shown.startswith("FAIL client refused (1 more like it in the 31 s before, left out)")

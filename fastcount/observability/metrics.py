@@ -27,8 +27,8 @@ COUNTERS = {  # snapshot name -> (metric name without _total, help)
     "flushed_rows": ("fastcount_flush_rows", "rows written by flushes"),
     "background_job_failures": (
         "fastcount_background_job_failures",
-        "failures of features' background jobs and of their steps (window reports, callbacks, Kafka, retention),"
-        " each retried",
+        "failures of features' background jobs and of their steps that raised (window reports, callbacks, the Kafka"
+        " outbox's database work, retention), each retried",
     ),
     "dead_letters": (
         "fastcount_dead_letters",
