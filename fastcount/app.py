@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
@@ -21,7 +22,7 @@ from fastcount.features.verve import VerveFeature
 from fastcount.observability.stats import WorkerStats
 from fastcount.server.routing import Route
 from fastcount.settings import Settings
-from fastcount.store.database import connect
+from fastcount.store.database import KEEPALIVES, STATEMENT_TIMEOUT, connect
 from fastcount.store.flusher import Flusher, writer_identity
 from fastcount.store.journal import JournalFile, recover
 
@@ -64,8 +65,9 @@ class WorkerApp:
             max_size=2,
             open=False,
             timeout=2.0,
-            kwargs={"autocommit": True, "connect_timeout": 5},
+            kwargs={"autocommit": True, "connect_timeout": 5, **KEEPALIVES},
             check=AsyncConnectionPool.check_connection,
+            configure=self._configure_read_connection,
         )
         context = FeatureContext(settings, self.read_pool, stats, slot, dsn)
         self.features = [feature(context) for feature in FEATURES]
@@ -94,6 +96,11 @@ class WorkerApp:
 
     def writer_of(self, buffer_name: str) -> str:
         return self.flusher.lanes[buffer_name].writer
+
+    async def _configure_read_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """A read (GET /metrics over months, a counter) is bounded like a flush statement: a query held by a lock or
+        a slow plan answers 503 after --flush-timeout instead of holding its client and a pool connection forever."""
+        await conn.execute(STATEMENT_TIMEOUT, (str(int(self.settings.flush_timeout * 1000)),))
 
     def adopt_journals(self, fds: Sequence[int]) -> int:
         """Queue what dead workers' journals hold, under their ledger identities; returns the batches queued."""

@@ -84,7 +84,10 @@ class Settings:
     env_file: str = _knob("", "file of FASTCOUNT_*=value lines, read at start and again on every SIGHUP")
     log_level: str = _knob("info", "debug, info, warning or error")
     flush_timeout: float = _knob(
-        30.0, "seconds one flush transaction may take (statement timeout; the batch is then retried)", minimum=1
+        30.0,
+        "seconds one flush transaction may take (statement timeout; the batch is then retried); also bounds each read"
+        " of the API (503 past it)",
+        minimum=1,
     )
     # The features' own settings by name (see `section`); not a knob itself.
     sections: dict[str, Any] = field(default_factory=dict, compare=False, metadata={"internal": True})

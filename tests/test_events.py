@@ -368,3 +368,21 @@ def test_same_event_id_on_two_utc_days_stored_twice_in_one_flush_and_first_conte
     assert server.stop() == 0
     rows = stored(database, prefix)
     assert sorted((row[0], row[4]) for row in rows) == [(prefix + "buy", prefix + "X")] * 2
+
+
+def test_a_metrics_query_held_by_a_lock_answers_503_after_the_timeout(
+    start_server: StartServer, database: Database
+) -> None:
+    """Review: reads had no statement timeout: a /metrics query waiting on a lock (or a slow plan) held its client and
+    one of the worker's two read connections until it ended, however long."""
+    server = start_server("--flush-timeout", "1")
+    with psycopg.connect(database.dsn) as holder:
+        holder.execute("LOCK TABLE event_rollups IN ACCESS EXCLUSIVE MODE")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)  # without the timeout: hangs here
+        conn.request("GET", "/metrics?event_name=held")
+        response = conn.getresponse()
+        status, retry_after = response.status, response.getheader("Retry-After")
+        conn.close()
+        holder.rollback()
+    assert (status, retry_after) == (503, "1")
+    assert request(server.port, "GET", "/metrics?event_name=held")[0] == 200, "the connection serves again"

@@ -71,6 +71,7 @@ PRUNE_DEAD_WRITERS = [
     "DELETE FROM fastcount_parts WHERE committed_at < now() - interval '7 days'",  # of batches no one finished
 ]
 
+STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', %s, false)"  # milliseconds, for the session
 # TCP keepalives: a connection whose peer vanished (a half-open connection) is noticed in ~25 s, not hours.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
