@@ -15,11 +15,14 @@ from typing import Any
 import psycopg
 import pytest
 
+from fastcount.app import settings_sections
+from fastcount.features.verve import VerveFeature
 from fastcount.features.verve.callbacks import Callbacks, CheckedResolver, Outcome, TargetRefused
 from fastcount.features.verve.outbox import KafkaOutbox, OnePerInterval
 from fastcount.features.verve.reporter import Reporter
 from fastcount.features.verve.schema import SCHEMA
 from fastcount.features.verve.settings import parse_allow_list
+from fastcount.settings import Settings
 
 from conftest import Database
 from verve_support import own_database, report_lines
@@ -244,3 +247,32 @@ def test_the_librdkafka_throttle_keeps_other_kinds_of_lines_and_says_what_it_lef
     throttle.last[(logging.ERROR, "FAIL")] -= 31  # the interval has passed
     shown = passes(logging.ERROR, "FAIL client refused")
     assert shown is not None and shown.startswith("FAIL client refused (1 more like it in the 31 s before, left out)")
+
+
+def test_a_database_keeps_its_kafka_topic_and_every_report_is_published_once_one_instance_used_kafka(
+    db: Database, tmp_path: Path
+) -> None:
+    """New-user trial: an instance without --kafka-bootstrap beside Kafka ones recorded its reports as not to be
+    published (none reached Kafka), and one with another --kafka-topic published the windows it claimed there."""
+
+    def settings(**values: str) -> Settings:
+        return Settings.from_sources({"dsn": db.dsn, **values}, environ={}, sections=settings_sections())
+
+    async def scenario() -> list[str | None]:
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            problems = [
+                await VerveFeature.check_database(conn, settings()),  # no Kafka: nothing kept
+                await VerveFeature.check_database(conn, settings(kafka_bootstrap="k:9092", kafka_topic="reports")),
+                await VerveFeature.check_database(conn, settings(kafka_bootstrap="k:9092", kafka_topic="reports")),
+                await VerveFeature.check_database(conn, settings(kafka_bootstrap="k:9092", kafka_topic="other")),
+                await VerveFeature.check_database(conn, settings()),  # may share it: its reports are published
+            ]
+            await conn.execute("UPDATE verve_meta SET value = value - 20 WHERE name = 'first_start'")  # windows due
+            await Reporter("no-kafka", 2, 0.1, 5.0, False, str(tmp_path / "verve.log"), 3600.0, 86400.0).step(conn)
+        return problems
+
+    problems = asyncio.run(scenario())
+    assert problems[:3] == [None, None, None] and problems[4] is None
+    assert problems[3] is not None and problems[3].startswith("--kafka-topic other differs from the topic")
+    pending = db.query("SELECT DISTINCT kafka_pending FROM verve_windows WHERE unique_ids IS NOT NULL")
+    assert pending == [(True,)], "reported by an instance without Kafka, published by the others"

@@ -23,7 +23,13 @@ from fastcount.features.verve.accept import FAILED, OK, PendingIds, parse_endpoi
 from fastcount.features.verve.callbacks import OUTCOMES, Callbacks
 from fastcount.features.verve.outbox import KafkaOutbox
 from fastcount.features.verve.reporter import Reporter
-from fastcount.features.verve.schema import KEEP_WINDOW_SECONDS, SCHEMA, WINDOW_SECONDS
+from fastcount.features.verve.schema import (
+    KAFKA_TOPIC_KEPT,
+    KEEP_KAFKA_TOPIC,
+    KEEP_WINDOW_SECONDS,
+    SCHEMA,
+    WINDOW_SECONDS,
+)
 from fastcount.features.verve.settings import VerveSettings
 from fastcount.server.responses import Response
 from fastcount.server.routing import Route
@@ -60,18 +66,29 @@ class VerveFeature(Feature):
     @classmethod
     async def check_database(cls, conn: psycopg.AsyncConnection[Any], settings: Settings) -> str | None:
         """Windows of two sizes in one database cannot be reported exactly (nor aligned: a reload from 20 to 30 s
-        reported a window that never held ids and left two that did unreported), so its first size stays."""
-        window = settings.section(VerveSettings).verve_window
+        reported a window that never held ids and left two that did unreported), so its first size stays. Likewise
+        the Kafka topic: an instance with another one published the windows it claimed there."""
+        verve = settings.section(VerveSettings)
+        window = verve.verve_window
         await conn.execute(KEEP_WINDOW_SECONDS, (window,))
         row = await (await conn.execute(WINDOW_SECONDS)).fetchone()
         kept = int(row[0]) if row else window
-        if kept == window:
-            return None
-        return (
-            f"{Settings.flag_name('verve_window')} {window} differs from this database's window, {kept} s (kept since"
-            f" its first start; every instance sharing the database uses it): start with"
-            f" {Settings.flag_name('verve_window')} {kept}, or see 'Changing the window' in the README"
-        )
+        if kept != window:
+            return (
+                f"{Settings.flag_name('verve_window')} {window} differs from this database's window, {kept} s (kept"
+                f" since its first start; every instance sharing the database uses it): start with"
+                f" {Settings.flag_name('verve_window')} {kept}, or see 'Changing the window' in the README"
+            )
+        if verve.kafka_bootstrap:  # a report goes to one topic, whichever instance publishes it
+            await conn.execute(KEEP_KAFKA_TOPIC, (verve.kafka_topic,))
+            row = await (await conn.execute(KAFKA_TOPIC_KEPT, (verve.kafka_topic,))).fetchone()
+            if row is not None and not row[0]:
+                return (
+                    f"{Settings.flag_name('kafka_topic')} {verve.kafka_topic} differs from the topic this database's"
+                    " reports are published to (kept since an instance first used Kafka with it; every instance"
+                    " sharing the database publishes there): see 'Kafka' in the README"
+                )
+        return None
 
     def routes(self) -> list[Route]:
         return [Route(b"GET", b"/api/verve/accept", self.handle_accept, name="verve_accept")]

@@ -5,7 +5,8 @@
 - verve_endpoints: one row per (window, endpoint), and the outcome of its one callback.
 - verve_windows: one row per window due for a report: the report claim (a lease), the count, the Kafka outbox.
 - verve_meta: first_start, the feature's first start in this database: windows are reported (0 when empty) from the
-  window that contains it; window_seconds, the window size every instance sharing the database must use.
+  window that contains it; window_seconds, the window size every instance sharing the database must use;
+  kafka_topic (once an instance used Kafka), a key of the topic every report is published to.
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ KEEP_WINDOW_SECONDS = """
     ON CONFLICT (name) DO NOTHING
 """
 WINDOW_SECONDS = "SELECT value FROM verve_meta WHERE name = 'window_seconds'"
+# The Kafka topic of this database's reports, as 60 bits of its md5, kept by the first instance started with Kafka:
+# from then on every report is to be published (also one made by an instance without Kafka), and an instance with
+# another topic is refused at start.
+_TOPIC_KEY = "('x' || substr(md5(%s), 1, 15))::bit(60)::bigint"
+KEEP_KAFKA_TOPIC = f"""
+    INSERT INTO verve_meta (name, value) VALUES ('kafka_topic', {_TOPIC_KEY}) ON CONFLICT (name) DO NOTHING
+"""
+KAFKA_TOPIC_KEPT = f"SELECT value = {_TOPIC_KEY} FROM verve_meta WHERE name = 'kafka_topic'"
 ENSURE_WINDOWS = """
     INSERT INTO verve_windows (window_start, window_seconds)
     SELECT start, %(seconds)s FROM generate_series(%(first)s::bigint, %(last)s::bigint, %(seconds)s::bigint) AS start
@@ -126,7 +135,7 @@ COUNT_IDS = "SELECT count(*) FROM verve_ids WHERE window_start = %s"
 RECORD_REPORT = """
     UPDATE verve_windows
     SET unique_ids = %(count)s, reported_by = %(me)s, reported_at = now(), lease_until = NULL,
-        kafka_pending = %(kafka)s
+        kafka_pending = %(kafka)s OR EXISTS (SELECT 1 FROM verve_meta WHERE name = 'kafka_topic')
     WHERE window_start = %(window)s AND unique_ids IS NULL
     RETURNING window_start
 """
