@@ -605,3 +605,35 @@ def test_a_batch_cut_in_parts_is_not_kept_whole_beside_them(database: Database, 
     in_flight = asyncio.run(scenario())
     assert (in_flight.batch, in_flight.parts) == (None, [["a", "b"], ["c"]])
     assert sorted(str(item) for (item,) in database.query(f"SELECT item FROM {table}")) == ["a", "b", "c"]
+
+
+def test_an_item_refused_again_when_its_batch_is_written_again_is_parked_once(database: Database, prefix: str) -> None:
+    """A worker parks `bad1` with its first part and dies before the second; its batch, replayed and cut again,
+    refuses `bad1` again: it stays one dead letter (a second would count one refused item twice)."""
+    table = "test_parked_once_" + prefix.strip("-")
+    database.query(f"CREATE TABLE {table} (item text PRIMARY KEY CHECK (item NOT LIKE 'bad%%'))")
+
+    class DiesAtB(IdempotentRows):
+        async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
+            if "b" in batch:
+                raise psycopg.OperationalError("injected: the worker died")
+            return await super().write(conn, batch)
+
+    async def scenario() -> str:
+        dying = Flusher(database.dsn, [DiesAtB(table, 2)], 0.1, f"dead/{prefix}", WorkerStats()).lanes["rows"]
+        try:
+            assert not await dying._write(InFlight(dying.writer, 3, ["a", "bad1", "b", "bad2"], 4, 4))
+        finally:
+            await dying._close()
+        flusher = Flusher(database.dsn, [IdempotentRows(table, 2)], 0.1, f"test/{prefix}", WorkerStats())
+        flusher.adopt("rows", dying.writer, 3, [b"bad1\nbad2\na\nb"])
+        try:
+            assert (await flusher.lanes["rows"].flush_once())[0]
+        finally:
+            await flusher.lanes["rows"]._close()
+        return dying.writer
+
+    dead = asyncio.run(scenario())
+    assert sorted(str(item) for (item,) in database.query(f"SELECT item FROM {table}")) == ["a", "b"]
+    parked = database.query("SELECT item FROM fastcount_dead_letters WHERE writer = %s ORDER BY item", (dead,))
+    assert [json.loads(str(item)) for (item,) in parked] == ["bad1", "bad2"]
