@@ -98,9 +98,9 @@ class WorkerApp:
         return self.flusher.lanes[buffer_name].writer
 
     async def _configure_read_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """A read (GET /metrics over months, a counter) is bounded like a flush statement: a query held by a lock or
-        a slow plan answers 503 after --flush-timeout instead of holding its client and a pool connection forever."""
-        await conn.execute(STATEMENT_TIMEOUT, (str(int(self.settings.flush_timeout * 1000)),))
+        """A read (GET /metrics over months, a counter) is bounded: a query held by a lock or a slow plan answers 503
+        after --query-timeout instead of holding its client and a pool connection forever."""
+        await conn.execute(STATEMENT_TIMEOUT, (str(int(self.settings.query_timeout * 1000)),))
 
     def adopt_journals(self, fds: Sequence[int]) -> int:
         """Queue what dead workers' journals hold, under their ledger identities; returns the batches queued."""

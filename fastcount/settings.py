@@ -85,9 +85,13 @@ class Settings:
     log_level: str = _knob("info", "debug, info, warning or error")
     flush_timeout: float = _knob(
         30.0,
-        "seconds one flush transaction may take (statement timeout; the batch is then retried); also bounds each read"
-        " of the API (503 past it)",
+        "seconds one flush transaction may take (statement timeout; the batch is then retried)",
         minimum=1,
+    )
+    query_timeout: float = _knob(
+        30.0,
+        "seconds one read of the API may take in PostgreSQL (GET /metrics, GET /counters/<key>); 503 past it",
+        minimum=0.1,
     )
     # The features' own settings by name (see `section`); not a knob itself.
     sections: dict[str, Any] = field(default_factory=dict, compare=False, metadata={"internal": True})

@@ -375,7 +375,7 @@ def test_a_metrics_query_held_by_a_lock_answers_503_after_the_timeout(
 ) -> None:
     """Review: reads had no statement timeout: a /metrics query waiting on a lock (or a slow plan) held its client and
     one of the worker's two read connections until it ended, however long."""
-    server = start_server("--flush-timeout", "1")
+    server = start_server("--query-timeout", "1")
     with psycopg.connect(database.dsn) as holder:
         holder.execute("LOCK TABLE event_rollups IN ACCESS EXCLUSIVE MODE")
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)  # without the timeout: hangs here

@@ -65,7 +65,12 @@ class VerveSettings:
     )
     verve_callback_timeout: float = knob(5.0, "seconds one callback may take", minimum=0.1)
     verve_callback_concurrency: int = knob(16, "callbacks in progress at once per worker", minimum=1)
-    kafka_bootstrap: str = knob("", "Kafka bootstrap servers for window reports; empty: no Kafka")
+    kafka_bootstrap: str = knob(
+        "",
+        "Kafka bootstrap servers for window reports; empty: no Kafka (a restart, not a reload, turns it on or off: the"
+        " start checks the topic)",
+        restart=True,
+    )
     kafka_topic: str = knob(
         "fastcount.verve.unique_ids",
         "Kafka topic of window reports; the database keeps the first one used (another is refused at start, a reload"
