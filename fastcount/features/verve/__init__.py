@@ -264,14 +264,14 @@ class VerveFeature(Feature):
                           ids.pending_count + ids.unacknowledged),
             FeatureMetric("verve_reports", "counter", "window reports made by this worker",
                           self.reporter.reports if self.reporter else 0),
+            FeatureMetric("verve_kafka_lag_seconds", "gauge", "age of the oldest report waiting to be published",
+                          self.reporter.kafka_lag_seconds if self.reporter else 0.0),
         ]  # fmt: skip
         if self.outbox is not None:
             metrics += [
                 FeatureMetric("verve_kafka_published", "counter", "reports the broker acknowledged",
                               self.outbox.published),
                 FeatureMetric("verve_kafka_failures", "counter", "failed report deliveries", self.outbox.failures),
-                FeatureMetric("verve_kafka_lag_seconds", "gauge", "age of the oldest unpublished report",
-                              self.outbox.lag_seconds),
             ]  # fmt: skip
         if self.callbacks is not None:
             metrics += [

@@ -21,7 +21,6 @@ from fastcount.features.verve.reporter import iso
 from fastcount.features.verve.schema import (
     CLAIM_UNPUBLISHED,
     MARK_PUBLISHED,
-    OLDEST_UNPUBLISHED,
     RELEASE_UNPUBLISHED,
     RENEW_PUBLISH_LEASE,
 )
@@ -58,7 +57,6 @@ class KafkaOutbox:
         # metrics
         self.published = 0
         self.failures = 0
-        self.lag_seconds = 0.0
 
     def _producer(self) -> Any:
         if self.producer is None:
@@ -114,8 +112,6 @@ class KafkaOutbox:
                     break  # the producer's queue is full; the claim expires and is taken again
                 self.held.add(int(window))
             producer.poll(0)
-        row = await (await conn.execute(OLDEST_UNPUBLISHED)).fetchone()
-        self.lag_seconds = float(row[0]) if row else 0.0
 
     async def record_deliveries(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """What the broker acknowledged becomes published; what failed is released for another attempt."""

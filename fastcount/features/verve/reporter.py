@@ -25,6 +25,7 @@ from fastcount.features.verve.schema import (
     DELETE_OLD_REPORTS,
     ENSURE_WINDOWS,
     FIRST_WINDOW_SOURCES,
+    OLDEST_UNPUBLISHED,
     RECORD_REPORT,
     RETENTION_LOCK,
     TRY_RETENTION_LOCK,
@@ -74,6 +75,7 @@ class Reporter:
         self.first_window: int | None = None
         self.last_retention = 0.0
         self.reports = 0  # made by this process (a counter)
+        self.kafka_lag_seconds = 0.0  # age of the oldest report waiting for Kafka, whoever is to publish it
         self.failpoint = os.environ.get(FAILPOINT_DIE_AFTER_CLAIM, "")
 
     def last_due(self, now: float) -> int:
@@ -109,6 +111,9 @@ class Reporter:
             reported.append(window)
             self.lines.info("window_start=%s window_seconds=%d unique_ids=%d", iso(window), seconds, count)
         await self._retention_if_due(conn, db_now)
+        # Here, not in the outbox: every instance reports, so the backlog shows even when no instance with Kafka runs
+        row = await (await conn.execute(OLDEST_UNPUBLISHED)).fetchone()
+        self.kafka_lag_seconds = float(row[0]) if row else 0.0
         return reported
 
     async def _ensure_windows(self, conn: psycopg.AsyncConnection[Any], last: int, now: float) -> None:
