@@ -637,3 +637,34 @@ def test_an_item_refused_again_when_its_batch_is_written_again_is_parked_once(da
     assert sorted(str(item) for (item,) in database.query(f"SELECT item FROM {table}")) == ["a", "b"]
     parked = database.query("SELECT item FROM fastcount_dead_letters WHERE writer = %s ORDER BY item", (dead,))
     assert [json.loads(str(item)) for (item,) in parked] == ["bad1", "bad2"]
+
+
+class SlowRefusals(TableRows):
+    """Rows of a table that refuses every item starting with 'bad'; each write takes 30 ms in PostgreSQL."""
+
+    async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
+        await conn.execute("SELECT pg_sleep(0.03)")
+        return await super().write(conn, batch)
+
+
+def test_a_bisection_longer_than_the_backstop_commits_while_it_makes_progress(database: Database, prefix: str) -> None:
+    """Review: the asyncio backstop bounded a whole attempt, and a bisection of many refused items makes about two
+    statements per item, each within the statement timeout: past the backstop it was cancelled and retried, forever.
+    Here ~250 statements of 30 ms (~8 s) against a backstop of 5.2 s (statement timeout 0.2 s + 5)."""
+    table = "test_slow_refusals_" + prefix.strip("-")
+    database.query(f"CREATE TABLE {table} (item text NOT NULL CHECK (item NOT LIKE 'bad%%'))")
+
+    async def scenario() -> tuple[tuple[bool, bool], WorkerStats]:
+        buffer = SlowRefusals(table)
+        buffer.pending = [f"bad{i:03d}" for i in range(128)] + ["good"]
+        stats = WorkerStats()
+        lane = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", stats, flush_timeout=0.2).lanes["rows"]
+        try:
+            return await lane.flush_once(), stats
+        finally:
+            await lane._close()
+
+    result, stats = asyncio.run(scenario())
+    assert result == (True, True), "committed on its first attempt"
+    assert (stats.flush_errors, stats.dead_letters) == (0, 128)
+    assert database.query(f"SELECT item FROM {table}") == [("good",)]

@@ -21,7 +21,9 @@ Rules a lane keeps:
    batch: one of 1.4M events took longer than the timeout, and was retried whole, forever). A transaction gets longer
    when its size needs it, one second per ROWS_PER_TIMEOUT_SECOND rows (a batch that must be one transaction,
    increments: with --flush-timeout 3, a backlog of 1M keys, ~4-7 s to merge here, timed out on every attempt,
-   forever); its statement and idle-in-transaction timeouts both, and the attempt's backstop BACKSTOP_TIMEOUTS times.
+   forever); its statement and idle-in-transaction timeouts both, and the attempt's backstop (the statement timeout
+   plus BACKSTOP_MARGIN seconds, pushed back each time a refused batch's bisection writes or parks a half: that one
+   transaction makes about two statements per refused item, each bounded on its own).
 6. An idempotent buffer's batch of more than its `transaction_rows` is committed in parts (`FlushBuffer.parts`, cut
    once, the same on every attempt), one transaction each, the ledger row with the last part only. A failed part is
    retried as rule 2 says (bisection within that part) from the first part not committed. Why this stays exact:
@@ -102,10 +104,7 @@ EXTEND_TIMEOUT = (
     "SELECT set_config('statement_timeout', %(ms)s, true), set_config('idle_in_transaction_session_timeout', %(ms)s,"
     " true)"
 )
-# The backstop of a whole attempt at a part: its first transaction and, when PostgreSQL refuses some of the data, the
-# bisection's transaction, which writes the part again about twice and parks items, each statement within the
-# statement timeout.
-BACKSTOP_TIMEOUTS = 4
+BACKSTOP_MARGIN = 5.0  # seconds past the statement timeout before the lane gives up on a silent connection
 RETRY_MAX_DELAY = 5.0
 # Test-only fault injection: drop the connection right after this many successful COMMITs, as a network failure
 # would, so the caller cannot know the outcome. Read once at start; unset in production.
@@ -160,6 +159,8 @@ class Lane:
         buffer.request_flush = self.wake.set
         self.in_flight: InFlight | None = None
         self.parked_items: set[str] = set()  # the dead letters of the batch being bisected (see PARKED_ITEMS)
+        self.backstop: asyncio.Timeout | None = None  # of the attempt in progress (rule 5)
+        self.backstop_seconds = 0.0
         self.adopted: deque[InFlight] = deque()  # dead workers' batches, written before anything of ours
         self.next_seq = 1
         self.retry_delay = 0.0
@@ -283,8 +284,10 @@ class Lane:
         index = in_flight.committed_parts
         started = time.perf_counter()
         timeout = self._timeout_for(in_flight.rows if len(parts) == 1 else self.buffer.transaction_rows)
+        self.backstop_seconds = timeout + BACKSTOP_MARGIN
         try:
-            async with asyncio.timeout(BACKSTOP_TIMEOUTS * timeout + 5):  # the statement timeout's backstop
+            # the statement timeout's backstop (rule 5)
+            async with asyncio.timeout(self.backstop_seconds) as self.backstop:
                 conn = await self._connection()
                 if index == 0 and len(parts) > 1 and in_flight.writer != self.writer and in_flight.doubt is None:
                     index = in_flight.committed_parts = await self._first_part_to_write(conn, in_flight, parts)
@@ -413,7 +416,9 @@ class Lane:
     ) -> tuple[int, int]:
         try:
             async with conn.transaction():  # a savepoint: a refused part rolls back alone
-                return await self.buffer.write(conn, batch), 0
+                rows = await self.buffer.write(conn, batch)
+            self._progress()
+            return rows, 0
         except (psycopg.DataError, psycopg.IntegrityError) as error:
             if not is_permanent(error):
                 raise
@@ -425,7 +430,14 @@ class Lane:
                     rows += part_rows
                     parked += part_parked
                 return rows, parked
-            return 0, await self._park(conn, in_flight, batch, error)
+            parked = await self._park(conn, in_flight, batch, error)
+            self._progress()
+            return 0, parked
+
+    def _progress(self) -> None:
+        """The bisection wrote or parked a half: the backstop counts from now (rule 5)."""
+        if self.backstop is not None and not self.backstop.expired():
+            self.backstop.reschedule(asyncio.get_running_loop().time() + self.backstop_seconds)
 
     async def _park(
         self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, batch: Any, error: psycopg.Error
