@@ -491,6 +491,40 @@ def test_a_part_in_doubt_whose_key_the_database_does_not_hold_is_written_again(d
     )
 
 
+class DiesAt(IdempotentRows):
+    """Rows in parts of two; the worker "dies" (its write fails) at the part holding `fatal`."""
+
+    def __init__(self, table: str, fatal: str) -> None:
+        super().__init__(table, 2)
+        self.fatal = fatal
+
+    async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
+        if self.fatal in batch:
+            raise psycopg.OperationalError("injected: the worker died")
+        return await super().write(conn, batch)
+
+
+async def dies_then_adopted(
+    database: Database, prefix: str, table: str, seq: int, items: list[str], replayed: bytes
+) -> tuple[str, list[str]]:
+    """A worker writes batch `seq` of `items` in parts of two and dies at the second (its first part committed);
+    another flusher adopts the batch as its journal replays it (`replayed`: the items, one a line) and writes it.
+    Returns the dead worker's writer and what the table held when it died."""
+    dying = Flusher(database.dsn, [DiesAt(table, items[2])], 0.1, f"dead/{prefix}", WorkerStats()).lanes["rows"]
+    try:
+        assert not await dying._write(InFlight(dying.writer, seq, items, len(items), len(items)))
+    finally:
+        await dying._close()
+    stored = sorted(str(item) for (item,) in database.query(f"SELECT item FROM {table}"))
+    flusher = Flusher(database.dsn, [IdempotentRows(table, 2)], 0.1, f"test/{prefix}", WorkerStats())
+    flusher.adopt("rows", dying.writer, seq, [replayed])
+    try:
+        assert (await flusher.lanes["rows"].flush_once())[0]
+    finally:
+        await flusher.lanes["rows"]._close()
+    return dying.writer, stored
+
+
 def test_a_recovered_batch_is_cut_again_and_a_dead_workers_part_keys_do_not_skip_its_parts(
     database: Database, prefix: str
 ) -> None:
@@ -500,28 +534,8 @@ def test_a_recovered_batch_is_cut_again_and_a_dead_workers_part_keys_do_not_skip
     table = "test_recut_" + prefix.strip("-")
     database.query(f"CREATE TABLE {table} (item text PRIMARY KEY)")
 
-    class DiesAtSecondPart(IdempotentRows):
-        async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
-            if self.writes == 1:
-                raise psycopg.OperationalError("injected: the worker died")
-            return await super().write(conn, batch)
-
-    async def scenario() -> str:
-        dying = Flusher(database.dsn, [DiesAtSecondPart(table, 2)], 0.1, f"dead/{prefix}", WorkerStats()).lanes["rows"]
-        try:
-            assert not await dying._write(InFlight(dying.writer, 7, ["b", "c", "a", "d"], 4, 4))
-        finally:
-            await dying._close()
-        assert sorted(str(item) for (item,) in database.query(f"SELECT item FROM {table}")) == ["b", "c"]
-        flusher = Flusher(database.dsn, [IdempotentRows(table, 2)], 0.1, f"test/{prefix}", WorkerStats())
-        flusher.adopt("rows", dying.writer, 7, [b"a\nb\nc\nd"])
-        try:
-            assert (await flusher.lanes["rows"].flush_once())[0]
-        finally:
-            await flusher.lanes["rows"]._close()
-        return dying.writer
-
-    dead = asyncio.run(scenario())
+    dead, stored = asyncio.run(dies_then_adopted(database, prefix, table, 7, ["b", "c", "a", "d"], b"a\nb\nc\nd"))
+    assert stored == ["b", "c"], "its first part"
     assert sorted(str(item) for (item,) in database.query(f"SELECT item FROM {table}")) == ["a", "b", "c", "d"]
     assert database.query("SELECT count(*) FROM fastcount_batches WHERE writer = %s AND seq = 7", (dead,)) == [(1,)]
     assert database.query("SELECT count(*) FROM fastcount_parts WHERE writer = %s", (dead,)) == [(0,)]
@@ -613,27 +627,10 @@ def test_an_item_refused_again_when_its_batch_is_written_again_is_parked_once(da
     table = "test_parked_once_" + prefix.strip("-")
     database.query(f"CREATE TABLE {table} (item text PRIMARY KEY CHECK (item NOT LIKE 'bad%%'))")
 
-    class DiesAtB(IdempotentRows):
-        async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
-            if "b" in batch:
-                raise psycopg.OperationalError("injected: the worker died")
-            return await super().write(conn, batch)
-
-    async def scenario() -> str:
-        dying = Flusher(database.dsn, [DiesAtB(table, 2)], 0.1, f"dead/{prefix}", WorkerStats()).lanes["rows"]
-        try:
-            assert not await dying._write(InFlight(dying.writer, 3, ["a", "bad1", "b", "bad2"], 4, 4))
-        finally:
-            await dying._close()
-        flusher = Flusher(database.dsn, [IdempotentRows(table, 2)], 0.1, f"test/{prefix}", WorkerStats())
-        flusher.adopt("rows", dying.writer, 3, [b"bad1\nbad2\na\nb"])
-        try:
-            assert (await flusher.lanes["rows"].flush_once())[0]
-        finally:
-            await flusher.lanes["rows"]._close()
-        return dying.writer
-
-    dead = asyncio.run(scenario())
+    dead, stored = asyncio.run(
+        dies_then_adopted(database, prefix, table, 3, ["a", "bad1", "b", "bad2"], b"bad1\nbad2\na\nb")
+    )
+    assert stored == ["a"], "its first part, bad1 parked"
     assert sorted(str(item) for (item,) in database.query(f"SELECT item FROM {table}")) == ["a", "b"]
     parked = database.query("SELECT item FROM fastcount_dead_letters WHERE writer = %s ORDER BY item", (dead,))
     assert [json.loads(str(item)) for (item,) in parked] == ["bad1", "bad2"]
