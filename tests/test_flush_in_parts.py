@@ -21,6 +21,7 @@ import orjson
 import psycopg
 import pytest
 
+import fastcount.store.flusher as flusher_module
 from fastcount.features.base import FlushBuffer
 from fastcount.features.events import PendingEvents
 from fastcount.features.events.query import parse_query, run_query
@@ -665,3 +666,38 @@ def test_a_bisection_longer_than_the_backstop_commits_while_it_makes_progress(da
     assert result == (True, True), "committed on its first attempt"
     assert (stats.flush_errors, stats.dead_letters) == (0, 128)
     assert database.query(f"SELECT item FROM {table}") == [("good",)]
+
+
+class SlowPerItem(TableRows):
+    """Rows of a table that refuses every item starting with 'bad'; a write takes 0.1 s per item in PostgreSQL."""
+
+    async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
+        await conn.execute("SELECT pg_sleep(%s)", (0.1 * len(batch),))
+        return await super().write(conn, batch)
+
+
+def test_the_way_down_a_bisection_counts_as_progress(
+    database: Database, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: pushed back only once a half was written or parked, the backstop (then one timeout plus the margin)
+    fired on the way down: the batch's first transaction, then its whole part again and each refused half, every
+    statement within the timeout. With the margin at 0.5 s and 8 items of 0.1 s: 2.3 s of statements before the first
+    leaf, against a backstop of 1.5 s."""
+    monkeypatch.setattr(flusher_module, "BACKSTOP_MARGIN", 0.5)
+    table = "test_way_down_" + prefix.strip("-")
+    database.query(f"CREATE TABLE {table} (item text NOT NULL CHECK (item NOT LIKE 'bad%%'))")
+
+    async def scenario() -> tuple[tuple[bool, bool], WorkerStats]:
+        buffer = SlowPerItem(table)
+        buffer.pending = ["bad0"] + [f"good{i}" for i in range(7)]
+        stats = WorkerStats()
+        lane = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", stats, flush_timeout=1).lanes["rows"]
+        try:
+            return await lane.flush_once(), stats
+        finally:
+            await lane._close()
+
+    result, stats = asyncio.run(scenario())
+    assert result == (True, True), "committed on its first attempt"
+    assert (stats.flush_errors, stats.dead_letters) == (0, 1)
+    assert database.query(f"SELECT count(*) FROM {table}") == [(7,)]

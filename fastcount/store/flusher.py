@@ -21,9 +21,10 @@ Rules a lane keeps:
    batch: one of 1.4M events took longer than the timeout, and was retried whole, forever). A transaction gets longer
    when its size needs it, one second per ROWS_PER_TIMEOUT_SECOND rows (a batch that must be one transaction,
    increments: with --flush-timeout 3, a backlog of 1M keys, ~4-7 s to merge here, timed out on every attempt,
-   forever); its statement and idle-in-transaction timeouts both, and the attempt's backstop (the statement timeout
-   plus BACKSTOP_MARGIN seconds, pushed back each time a refused batch's bisection writes or parks a half: that one
-   transaction makes about two statements per refused item, each bounded on its own).
+   forever); its statement and idle-in-transaction timeouts both. The asyncio backstop of an attempt allows
+   BACKSTOP_TIMEOUTS statement timeouts (a transaction is several statements) plus BACKSTOP_MARGIN seconds, counted
+   again from each statement a refused batch's bisection gets answered (accepted, refused or parked): that one
+   transaction makes about two statements per refused item, each bounded on its own, so no fixed bound fits it.
 6. An idempotent buffer's batch of more than its `transaction_rows` is committed in parts (`FlushBuffer.parts`, cut
    once, the same on every attempt), one transaction each, the ledger row with the last part only. A failed part is
    retried as rule 2 says (bisection within that part) from the first part not committed. Why this stays exact:
@@ -104,7 +105,8 @@ EXTEND_TIMEOUT = (
     "SELECT set_config('statement_timeout', %(ms)s, true), set_config('idle_in_transaction_session_timeout', %(ms)s,"
     " true)"
 )
-BACKSTOP_MARGIN = 5.0  # seconds past the statement timeout before the lane gives up on a silent connection
+BACKSTOP_TIMEOUTS = 4  # rule 5
+BACKSTOP_MARGIN = 5.0  # seconds past those before the lane gives up on a silent connection
 RETRY_MAX_DELAY = 5.0
 # Test-only fault injection: drop the connection right after this many successful COMMITs, as a network failure
 # would, so the caller cannot know the outcome. Read once at start; unset in production.
@@ -284,7 +286,7 @@ class Lane:
         index = in_flight.committed_parts
         started = time.perf_counter()
         timeout = self._timeout_for(in_flight.rows if len(parts) == 1 else self.buffer.transaction_rows)
-        self.backstop_seconds = timeout + BACKSTOP_MARGIN
+        self.backstop_seconds = BACKSTOP_TIMEOUTS * timeout + BACKSTOP_MARGIN
         try:
             # the statement timeout's backstop (rule 5)
             async with asyncio.timeout(self.backstop_seconds) as self.backstop:
@@ -317,6 +319,9 @@ class Lane:
                 str(error).strip() or type(error).__name__,
             )
             return False
+        finally:
+            self.backstop = None
+            self.parked_items = set()
         in_flight.doubt = None
         self.buffer.transaction_ended(True)
         in_flight.committed_parts += 1
@@ -372,6 +377,7 @@ class Lane:
                 return (doubt.rows, doubt.parked) if doubt is not None else (0, 0)
         self.buffer.transaction_ended(False)
         # PostgreSQL refused some of the data. Again, in one transaction, item by item where it must.
+        self._progress()
         log.warning(
             "event=flush_refused writer=%s seq=%d rows=%d action=isolate",
             in_flight.writer,
@@ -422,6 +428,7 @@ class Lane:
         except (psycopg.DataError, psycopg.IntegrityError) as error:
             if not is_permanent(error):
                 raise
+            self._progress()  # refused is an answer too
             parts = self.buffer.split(batch)
             if len(parts) > 1:
                 rows = parked = 0
@@ -435,7 +442,7 @@ class Lane:
             return 0, parked
 
     def _progress(self) -> None:
-        """The bisection wrote or parked a half: the backstop counts from now (rule 5)."""
+        """A statement of the bisection was answered: the backstop counts from now (rule 5)."""
         if self.backstop is not None and not self.backstop.expired():
             self.backstop.reschedule(asyncio.get_running_loop().time() + self.backstop_seconds)
 
@@ -443,6 +450,8 @@ class Lane:
         self, conn: psycopg.AsyncConnection[Any], in_flight: InFlight, batch: Any, error: psycopg.Error
     ) -> int:
         items = [item for item in dict.fromkeys(self.buffer.dead_letters(batch)) if item not in self.parked_items]
+        if not items:
+            return 0  # parked before (a part written again): counted then
         self.parked_items.update(items)  # this transaction's: read again from the table by the next bisection
         sqlstate = error.sqlstate or ""
         message = str(error).strip() or type(error).__name__
