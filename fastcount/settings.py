@@ -29,7 +29,7 @@ def knob(
 ) -> Any:
     """A setting: its default, its help line and its checks; features declare theirs with it too.
     default_text: how --help and the docs show a default that depends on the machine. restart: a reload keeps the
-    value the master started with (a feature's, like the core's RESTART_ONLY in server/master.py)."""
+    value the master started with (the sockets, slots and database it holds for its whole life; a feature's own)."""
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, "default_text": default_text, "restart": restart}
     return field(default=default, metadata=metadata)
 
@@ -39,14 +39,20 @@ _knob = knob
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = _knob("0.0.0.0", "address to listen on")
-    port: int = _knob(3333, "TCP port of the API", minimum=0, maximum=65535)
+    host: str = _knob("0.0.0.0", "address to listen on", restart=True)
+    port: int = _knob(3333, "TCP port of the API", minimum=0, maximum=65535, restart=True)
     # At most 256: each worker holds several PostgreSQL connections (one per flush lane, a read pool, jobs), so a
     # mistyped count (1000 on a 2-core box) would exhaust the database and the machine rather than serve.
-    workers: int = _knob(os.cpu_count() or 1, "worker processes", minimum=1, maximum=256, default_text="number of CPUs")
-    dsn: str = _knob("", "PostgreSQL connection string; empty starts the embedded PostgreSQL under --data-dir")
+    workers: int = _knob(
+        os.cpu_count() or 1, "worker processes", minimum=1, maximum=256, default_text="number of CPUs", restart=True
+    )
+    dsn: str = _knob(
+        "", "PostgreSQL connection string; empty starts the embedded PostgreSQL under --data-dir", restart=True
+    )
     db_wait: float = _knob(10.0, "seconds to keep trying to reach PostgreSQL at start before giving up", minimum=0)
-    data_dir: str = _knob("./.fastcount", "directory of the embedded PostgreSQL cluster (used when --dsn is empty)")
+    data_dir: str = _knob(
+        "./.fastcount", "directory of the embedded PostgreSQL cluster (used when --dsn is empty)", restart=True
+    )
     flush_interval: float = _knob(1.0, "seconds between flushes of each worker's pending counts", minimum=0.01)
     flush_max_keys: int = _knob(
         50_000,
@@ -67,26 +73,34 @@ class Settings:
     keepalive_timeout: float = _knob(5.0, "seconds an idle keep-alive connection is kept open", minimum=1)
     read_timeout: float = _knob(10.0, "seconds a client may take to send one request's headers and body", minimum=1)
     graceful_timeout: float = _knob(30.0, "seconds the master waits for workers to stop, then kills", minimum=0)
-    backlog: int = _knob(4096, "listen backlog of each worker socket (capped by net.core.somaxconn)", minimum=1)
+    backlog: int = _knob(
+        4096, "listen backlog of each worker socket (capped by net.core.somaxconn)", minimum=1, restart=True
+    )
     max_connections: int = _knob(
         0,
         "client connections per worker; at the cap it stops accepting and new ones wait in the listen backlog; "
         "0: the descriptor limit (RLIMIT_NOFILE) minus 64 kept for PostgreSQL, the journal and the status pipe",
         minimum=0,
     )
-    reuse_port: bool = _knob(True, "one SO_REUSEPORT socket per worker (false: one socket shared by all workers)")
+    reuse_port: bool = _knob(
+        True, "one SO_REUSEPORT socket per worker (false: one socket shared by all workers)", restart=True
+    )
     tcp_nodelay: bool = _knob(True, "TCP_NODELAY on client connections (answers leave at once)")
-    tcp_defer_accept: int = _knob(0, "TCP_DEFER_ACCEPT seconds: wake a worker only once a client sent data", minimum=0)
-    admin_host: str = _knob("127.0.0.1", "address of the admin listener (GET /metrics)")
+    tcp_defer_accept: int = _knob(
+        0, "TCP_DEFER_ACCEPT seconds: wake a worker only once a client sent data", minimum=0, restart=True
+    )
+    admin_host: str = _knob("127.0.0.1", "address of the admin listener (GET /metrics)", restart=True)
     admin_port: int = _knob(
-        3334, "port of the admin listener serving Prometheus metrics; 0 turns it off", minimum=0, maximum=65535
+        3334,
+        "port of the admin listener serving Prometheus metrics; 0 turns it off",
+        minimum=0,
+        maximum=65535,
+        restart=True,
     )
     env_file: str = _knob("", "file of FASTCOUNT_*=value lines, read at start and again on every SIGHUP")
     log_level: str = _knob("info", "debug, info, warning or error")
     flush_timeout: float = _knob(
-        30.0,
-        "seconds one flush transaction may take (statement timeout; the batch is then retried)",
-        minimum=1,
+        30.0, "seconds one flush transaction may take (statement timeout; the batch is then retried)", minimum=1
     )
     query_timeout: float = _knob(
         30.0,

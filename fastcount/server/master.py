@@ -54,11 +54,6 @@ RESPAWN_FIRST_DELAY = 0.5
 RESPAWN_MAX_DELAY = 30.0
 STABLE_AFTER = 10.0  # a worker that served this long resets its slot's crash back-off
 TICK = 1.0  # the loop wakes at least this often (heartbeats, watchdog), sooner for a due deadline
-# Settings a reload cannot change: the sockets, slots and database the master holds for its whole life.
-RESTART_ONLY = (
-    "host", "port", "workers", "reuse_port", "backlog", "tcp_defer_accept",
-    "admin_host", "admin_port", "dsn", "data_dir",
-)  # fmt: skip
 
 
 SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -696,15 +691,20 @@ class Master:
         except (OSError, ValueError) as error:
             log.error("event=reload_settings_rejected reason=%r action=keep_current", str(error))
             return
-        kept = {name: getattr(self.settings, name) for name in RESTART_ONLY}
-        changed = [name for name, value in kept.items() if getattr(fresh, name) != value]
-        # A feature's restart-only knobs, compared as resolved (a default is in no `sections` dict) and kept so
+        # Knobs declared knob(restart=True), the core's and the features', compared as resolved (a feature's default
+        # is in no `sections` dict) and kept as the master started with them.
+        kept: dict[str, Any] = {}
         kept_sections: dict[str, Any] = {}
+        changed = []
         for owner, spec in knob_fields(self.sections):
-            if owner is not Settings and spec.metadata.get("restart"):
-                kept_sections[spec.name] = getattr(self.settings.section(owner), spec.name)
-                if getattr(fresh.section(owner), spec.name) != kept_sections[spec.name]:
-                    changed.append(spec.name)
+            if not spec.metadata.get("restart"):
+                continue
+            core = owner is Settings
+            old = getattr(self.settings if core else self.settings.section(owner), spec.name)
+            new = getattr(fresh if core else fresh.section(owner), spec.name)
+            (kept if core else kept_sections)[spec.name] = old
+            if new != old:
+                changed.append(spec.name)
         if changed:
             log.warning("event=reload_settings_need_restart settings=%s action=keep_current", ",".join(changed))
         self.settings = dataclasses.replace(fresh, **kept, sections={**fresh.sections, **kept_sections})
