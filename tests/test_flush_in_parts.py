@@ -638,42 +638,48 @@ def test_an_item_refused_again_when_its_batch_is_written_again_is_parked_once(da
 
 
 class SlowRefusals(TableRows):
-    """Rows of a table that refuses every item starting with 'bad'; each write takes 30 ms in PostgreSQL."""
+    """Rows of a table that refuses every item starting with 'bad'; a write takes `seconds` plus `per_item` seconds
+    per item in PostgreSQL."""
+
+    def __init__(self, table: str, seconds: float, per_item: float) -> None:
+        super().__init__(table)
+        self.seconds = seconds
+        self.per_item = per_item
 
     async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
-        await conn.execute("SELECT pg_sleep(0.03)")
+        await conn.execute("SELECT pg_sleep(%s)", (self.seconds + self.per_item * len(batch),))
         return await super().write(conn, batch)
 
 
-def test_a_bisection_longer_than_the_backstop_commits_while_it_makes_progress(database: Database, prefix: str) -> None:
-    """Review: the asyncio backstop bounded a whole attempt, and a bisection of many refused items makes about two
-    statements per item, each within the statement timeout: past the backstop it was cancelled and retried, forever.
-    Here ~250 statements of 30 ms (~8 s) against a backstop of 5.2 s (statement timeout 0.2 s + 5)."""
-    table = "test_slow_refusals_" + prefix.strip("-")
+def flush_refusals(
+    database: Database, table: str, items: list[str], flush_timeout: float, seconds: float = 0.0, per_item: float = 0.0
+) -> tuple[tuple[bool, bool], WorkerStats]:
+    """One flush pass of `items` into a new table that refuses the 'bad' ones: (flush_once's answer, the stats)."""
     database.query(f"CREATE TABLE {table} (item text NOT NULL CHECK (item NOT LIKE 'bad%%'))")
 
     async def scenario() -> tuple[tuple[bool, bool], WorkerStats]:
-        buffer = SlowRefusals(table)
-        buffer.pending = [f"bad{i:03d}" for i in range(128)] + ["good"]
+        buffer = SlowRefusals(table, seconds, per_item)
+        buffer.pending = list(items)
         stats = WorkerStats()
-        lane = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", stats, flush_timeout=0.2).lanes["rows"]
+        lane = Flusher(database.dsn, [buffer], 0.1, f"test/{table}", stats, flush_timeout=flush_timeout).lanes["rows"]
         try:
             return await lane.flush_once(), stats
         finally:
             await lane._close()
 
-    result, stats = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_bisection_longer_than_the_backstop_commits_while_it_makes_progress(database: Database, prefix: str) -> None:
+    """Review: the asyncio backstop bounded a whole attempt, and a bisection of many refused items makes about two
+    statements per item, each within the statement timeout: past the backstop it was cancelled and retried, forever.
+    Here ~250 statements of 30 ms (~8 s) against a backstop of 5.8 s (4 statement timeouts of 0.2 s + 5)."""
+    table = "test_slow_refusals_" + prefix.strip("-")
+    items = [f"bad{i:03d}" for i in range(128)] + ["good"]
+    result, stats = flush_refusals(database, table, items, flush_timeout=0.2, seconds=0.03)
     assert result == (True, True), "committed on its first attempt"
     assert (stats.flush_errors, stats.dead_letters) == (0, 128)
     assert database.query(f"SELECT item FROM {table}") == [("good",)]
-
-
-class SlowPerItem(TableRows):
-    """Rows of a table that refuses every item starting with 'bad'; a write takes 0.1 s per item in PostgreSQL."""
-
-    async def write(self, conn: psycopg.AsyncConnection[Any], batch: list[str]) -> int:
-        await conn.execute("SELECT pg_sleep(%s)", (0.1 * len(batch),))
-        return await super().write(conn, batch)
 
 
 def test_the_way_down_a_bisection_counts_as_progress(
@@ -685,19 +691,8 @@ def test_the_way_down_a_bisection_counts_as_progress(
     leaf, against a backstop of 1.5 s."""
     monkeypatch.setattr(flusher_module, "BACKSTOP_MARGIN", 0.5)
     table = "test_way_down_" + prefix.strip("-")
-    database.query(f"CREATE TABLE {table} (item text NOT NULL CHECK (item NOT LIKE 'bad%%'))")
-
-    async def scenario() -> tuple[tuple[bool, bool], WorkerStats]:
-        buffer = SlowPerItem(table)
-        buffer.pending = ["bad0"] + [f"good{i}" for i in range(7)]
-        stats = WorkerStats()
-        lane = Flusher(database.dsn, [buffer], 0.1, f"test/{prefix}", stats, flush_timeout=1).lanes["rows"]
-        try:
-            return await lane.flush_once(), stats
-        finally:
-            await lane._close()
-
-    result, stats = asyncio.run(scenario())
+    items = ["bad0"] + [f"good{i}" for i in range(7)]
+    result, stats = flush_refusals(database, table, items, flush_timeout=1, per_item=0.1)
     assert result == (True, True), "committed on its first attempt"
     assert (stats.flush_errors, stats.dead_letters) == (0, 1)
     assert database.query(f"SELECT count(*) FROM {table}") == [(7,)]
