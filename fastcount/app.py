@@ -22,7 +22,7 @@ from fastcount.features.verve import VerveFeature
 from fastcount.observability.stats import WorkerStats
 from fastcount.server.routing import Route
 from fastcount.settings import Settings
-from fastcount.store.database import KEEPALIVES, STATEMENT_TIMEOUT, connect
+from fastcount.store.database import KEEPALIVES, bound_session, connect
 from fastcount.store.flusher import Flusher, writer_identity
 from fastcount.store.journal import JournalFile, recover
 
@@ -100,7 +100,7 @@ class WorkerApp:
     async def _configure_read_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """A read (GET /metrics over months, a counter) is bounded: a query held by a lock or a slow plan answers 503
         after --query-timeout instead of holding its client and a pool connection forever."""
-        await conn.execute(STATEMENT_TIMEOUT, (str(int(self.settings.query_timeout * 1000)),))
+        await bound_session(conn, self.settings.query_timeout)
 
     def adopt_journals(self, fds: Sequence[int]) -> int:
         """Queue what dead workers' journals hold, under their ledger identities; returns the batches queued."""

@@ -71,7 +71,6 @@ PRUNE_DEAD_WRITERS = [
     "DELETE FROM fastcount_parts WHERE committed_at < now() - interval '7 days'",  # of batches no one finished
 ]
 
-STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', %s, false)"  # milliseconds, for the session
 # TCP keepalives: a connection whose peer vanished (a half-open connection) is noticed in ~25 s, not hours.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
@@ -87,24 +86,29 @@ async def migrate_async(conn: psycopg.AsyncConnection[Any], schema: Sequence[str
 
 async def connect(dsn: str, statement_timeout: float | None = None) -> psycopg.AsyncConnection[Any]:
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5, **KEEPALIVES)  # type: ignore[arg-type]
-    if statement_timeout:  # SET, not `options=`: the DSN may carry options of its own
-        milliseconds = f"{int(statement_timeout * 1000)}"
-        # The server's side of the same bounds: a flush transaction whose client vanished (a partition: no FIN, no
-        # RST) is ended after the timeout instead of sitting idle in transaction for the kernel's default keepalive
-        # (over 2 hours), holding its row locks and the rollups' lock, and leaving a part's outcome in doubt.
-        await conn.execute(
-            "SELECT set_config('statement_timeout', %s, false), set_config('idle_in_transaction_session_timeout', %s,"
-            " false), set_config('tcp_keepalives_idle', %s, false), set_config('tcp_keepalives_interval', %s, false),"
-            " set_config('tcp_keepalives_count', %s, false)",
-            (
-                milliseconds,
-                milliseconds,
-                str(KEEPALIVES["keepalives_idle"]),
-                str(KEEPALIVES["keepalives_interval"]),
-                str(KEEPALIVES["keepalives_count"]),
-            ),
-        )
+    if statement_timeout:
+        await bound_session(conn, statement_timeout)
     return conn
+
+
+async def bound_session(conn: psycopg.AsyncConnection[Any], timeout: float) -> None:
+    """A session's statements and idle transactions end after `timeout` seconds, and the server keeps the client's
+    TCP keepalives: a transaction whose client vanished (a partition: no FIN, no RST) is ended after the timeout
+    instead of sitting idle in transaction for the kernel's default keepalive (over 2 hours), holding its row locks
+    and the rollups' lock, and leaving a part's outcome in doubt. SET, not `options=`: the DSN may carry its own."""
+    milliseconds = f"{int(timeout * 1000)}"
+    await conn.execute(
+        "SELECT set_config('statement_timeout', %s, false), set_config('idle_in_transaction_session_timeout', %s,"
+        " false), set_config('tcp_keepalives_idle', %s, false), set_config('tcp_keepalives_interval', %s, false),"
+        " set_config('tcp_keepalives_count', %s, false)",
+        (
+            milliseconds,
+            milliseconds,
+            str(KEEPALIVES["keepalives_idle"]),
+            str(KEEPALIVES["keepalives_interval"]),
+            str(KEEPALIVES["keepalives_count"]),
+        ),
+    )
 
 
 async def migrate_dsn(dsn: str, schema: Sequence[str]) -> None:
