@@ -108,14 +108,15 @@ class LeanParseAbandoned(Exception):
 
 
 class LeanCallbacks:
-    """What the lean parser calls (rule 6): no header callbacks."""
+    """What the lean parser calls (rule 6): no header callbacks, and no measuring (nothing in its reads can break a
+    limit)."""
 
     __slots__ = ("on_body", "on_message_begin", "on_message_complete", "on_url")
 
     def __init__(self, protocol: HttpProtocol) -> None:
         self.on_message_begin = protocol.on_message_begin
-        self.on_url = protocol.on_url
-        self.on_body = protocol.on_body
+        self.on_url = protocol.on_lean_url
+        self.on_body = protocol.on_lean_body
         self.on_message_complete = protocol.on_lean_message_complete
 
 
@@ -259,7 +260,15 @@ class HttpProtocol(asyncio.Protocol):
             started = perf_counter()
         try:
             if len(data) <= self.lean_max and not self.in_message and self.unparsed is None and b"100-" not in data:
-                self._feed_lean(data)  # the common case: whole requests in one small read (rule 6)
+                # The common case, inline: whole requests in one small read, handled by the lean parser (rule 6).
+                handled_before = self.requests
+                try:
+                    self.lean_parser.feed_data(data)  # type: ignore[union-attr]
+                except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
+                    self._lean_abandoned(data, handled_before, error)
+                else:
+                    if self.in_message:  # the read ends inside a message
+                        self._lean_abandoned(data, handled_before, None)
             elif len(data) <= FEED_SLICE and self.unparsed is None:
                 self._feed(data)
             else:
@@ -280,19 +289,14 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- feeding the parser -----------------------------------------------------------------------------------------
 
-    def _feed_lean(self, data: bytes) -> None:
-        """Rule 6: the lean parser handles the messages it completes; if the read does not end cleanly between
-        messages, the full parser parses it again from its start, skipping the messages already handled."""
-        handled_before = self.requests
-        try:
-            self.lean_parser.feed_data(data)  # type: ignore[union-attr]
-            if not self.in_message:
-                return  # the common case: whole messages
-        except httptools.HttpParserCallbackError as error:
-            if not isinstance(error.__context__, (LeanParseAbandoned, RequestRejected)):
-                raise  # a bug of ours: data_received answers 500
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            pass
+    def _lean_abandoned(self, data: bytes, handled_before: int, error: Exception | None) -> None:
+        """Rule 6: the read did not end cleanly between messages (`error` says why, if it was not the read's end).
+        The lean parser handled the messages it completed; the full parser parses the read again from its start,
+        skipping those."""
+        if isinstance(error, httptools.HttpParserCallbackError) and not isinstance(
+            error.__context__, (LeanParseAbandoned, RequestRejected)
+        ):
+            raise error  # a bug of ours: data_received answers 500
         self.lean_skip = self.requests - handled_before
         self.in_message = False
         self.url = self.body = None
@@ -479,12 +483,18 @@ class HttpProtocol(asyncio.Protocol):
         self.upgrade_requested = False
         return b"".join(lines)
 
+    def on_lean_url(self, url: bytes) -> None:
+        self.url = url  # whole: the lean parser's messages lie in one read, and a span is cut only by a read's end
+
     def on_body(self, chunk: bytes) -> None:
         size = self.body_size + len(chunk)
         if size > self.max_body and not self._allows_body(size):  # (never on the lean parser: lean_max <= max_body)
             raise RequestRejected(BODY_TOO_LARGE)
         self.body_size = size
         self.body = chunk if self.body is None else self.body + chunk
+
+    def on_lean_body(self, chunk: bytes) -> None:
+        self.body = chunk if self.body is None else self.body + chunk  # chunked: several in one read
 
     def on_message_complete(self) -> None:
         if self.closing or self.replay_head is not None:  # closing, or a request to replay (see `_upgraded`)
@@ -520,10 +530,7 @@ class HttpProtocol(asyncio.Protocol):
         url = self.url or b"/"
         body = self.body or b""
         self.in_message = False
-        self.url = None
-        if self.body is not None:
-            self.body = None
-            self.body_size = 0
+        self.url = self.body = None
         if self.http10 is None:
             self.http10 = parser.get_http_version() == "1.0"  # type: ignore[union-attr]
         self._dispatch(url, body, parser.get_method(), parser.should_keep_alive(), None)  # type: ignore[union-attr]
