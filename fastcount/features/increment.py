@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_VALUE = 2**53 - 1
 MAX_TOTAL = 2**63 - 1  # a counter is a bigint: a pending sum past this could never be stored
 MAX_KEY_BYTES = 256
+MAX_KEY_CHARS_ANY_UTF8 = MAX_KEY_BYTES // 4  # a key of at most this many characters fits whatever they are
 MAX_ITEMS = 10_000
 # A batch travels as JSON objects of this many keys each, serialised by orjson (C) and copied into a staging table
 # one at a time with the event loop given back between them: a part holds the loop ~0.3 ms (bench/loop_stalls.py),
@@ -79,7 +80,7 @@ def _check_item(item: object, where: str) -> tuple[str, int]:
     value = item.get("value")
     if type(key) is not str:
         raise InvalidIncrement(f"{where}'key' must be a string" if key is not None else f"{where}'key' is required")
-    if not key or (len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES):
+    if not key or (len(key) > MAX_KEY_CHARS_ANY_UTF8 and len(key.encode()) > MAX_KEY_BYTES):
         raise InvalidIncrement(f"{where}'key' must be 1 to {MAX_KEY_BYTES} bytes of UTF-8")
     if "\x00" in key:
         raise InvalidIncrement(f"{where}'key' must not contain NUL (U+0000): PostgreSQL text cannot hold it")
@@ -273,7 +274,7 @@ class IncrementFeature(Feature):
             if (
                 type(key) is str
                 and type(value) is int
-                and 0 < len(key) <= MAX_KEY_BYTES // 4
+                and 0 < len(key) <= MAX_KEY_CHARS_ANY_UTF8
                 and 1 <= value <= MAX_VALUE
                 and "\x00" not in key
             ):
