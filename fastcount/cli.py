@@ -28,7 +28,7 @@ from fastcount.settings import Settings, knob_fields
 
 log = logging.getLogger("fastcount")
 
-MIGRATE_SETTINGS = ["dsn", "data_dir", "db_wait", "env_file", "log_level"]
+MIGRATE_SETTINGS = ["dsn", "data_dir", "embedded_port", "db_wait", "env_file", "log_level"]
 CONNECT_TIMEOUT = 5.0  # seconds one connection attempt may take; libpq rounds below 2 up to 2
 WAIT_NOTICE_AFTER = 2.0  # seconds of waiting for PostgreSQL after which the wait is logged once
 # What a server says while it cannot take connections yet: worth waiting for. Any other answer it gives (no such
@@ -163,7 +163,7 @@ def _database(settings: Settings) -> Iterator[str]:
     from fastcount.store.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
     try:
-        embedded = EmbeddedPostgres(settings.data_dir)
+        embedded = EmbeddedPostgres(settings.data_dir, settings.embedded_port)
         dsn = embedded.start()
     except EmbeddedPostgresError as error:
         raise StartupError(str(error)) from None
@@ -208,10 +208,9 @@ def reach_database(dsn: str, wait: float) -> None:
             reason = _reason(error, dsn)
             refused = "FATAL:" in str(error) and not any(text in str(error) for text in TRANSIENT_REFUSALS)
             if refused or time.monotonic() + delay > deadline:
-                waited = "" if refused else f" within {wait:g}s"
-                raise StartupError(
-                    f"cannot reach PostgreSQL at {mask_dsn(dsn)}{waited}: {reason}; {CHECK_HINT}"
-                ) from None
+                # It answered and said no (unknown database, role, password), or it never answered in time.
+                failed = "refused the connection" if refused else f"could not be reached within {wait:g}s"
+                raise StartupError(f"PostgreSQL at {mask_dsn(dsn)} {failed}: {reason}; {CHECK_HINT}") from None
             if not noticed and time.monotonic() - started >= WAIT_NOTICE_AFTER:
                 log.warning("event=waiting_for_postgres dsn=%s reason=%r up_to=%gs", mask_dsn(dsn), reason, wait)
                 noticed = True

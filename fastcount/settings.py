@@ -53,6 +53,14 @@ class Settings:
     data_dir: str = _knob(
         "./.fastcount", "directory of the embedded PostgreSQL cluster (used when --dsn is empty)", restart=True
     )
+    embedded_port: int = _knob(
+        0,
+        "TCP port of the embedded PostgreSQL on 127.0.0.1 (used when --dsn is empty); 0: a free one, remembered"
+        " under --data-dir",
+        minimum=0,
+        maximum=65535,
+        restart=True,
+    )
     flush_interval: float = _knob(1.0, "seconds between flushes of each worker's pending counts", minimum=0.01)
     flush_max_keys: int = _knob(
         50_000,
@@ -97,7 +105,7 @@ class Settings:
         maximum=65535,
         restart=True,
     )
-    env_file: str = _knob("", "file of FASTCOUNT_*=value lines, read at start and again on every SIGHUP")
+    env_file: str = _knob("", "file of FASTCOUNT_*=value lines, read at start (serve: and again on every SIGHUP)")
     log_level: str = _knob("info", "debug, info, warning or error")
     flush_timeout: float = _knob(
         30.0, "seconds one flush transaction may take (statement timeout; the batch is then retried)", minimum=1

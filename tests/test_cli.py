@@ -92,7 +92,7 @@ def test_a_bad_flag_or_variable_is_one_line_naming_it(
     result = run_cli("serve", *NOWHERE, *args, env=env)
     assert "Traceback" not in result.stderr
     if message is None:  # got past the settings to the (unreachable) database
-        assert result.returncode == 1 and "cannot reach PostgreSQL" in result.stderr, result.stderr
+        assert result.returncode == 1 and "could not be reached" in result.stderr, result.stderr
         return
     assert (result.returncode, result.stderr) == (2, f"fastcount: {message}\n")
 

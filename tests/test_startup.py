@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,10 +51,10 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def start_embedded(data_dir: Path, log_path: Path) -> Server:
+def start_embedded(data_dir: Path, log_path: Path, *extra: str) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "fastcount", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--workers", "1", "--admin-port", "0", "--flush-interval", "0.2", "--data-dir", str(data_dir)]
+    command += ["--workers", "1", "--admin-port", "0", "--flush-interval", "0.2", "--data-dir", str(data_dir), *extra]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file)
     server = Server(port, process, log_path, 1)
@@ -75,10 +76,12 @@ def read_until_found(port: int, key: str) -> bytes:
 def test_second_start_on_the_same_data_dir_fails_at_once_and_leaves_the_first_running(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    first = start_embedded(data_dir, tmp_path / "first.log")
+    embedded_port = free_port()
+    first = start_embedded(data_dir, tmp_path / "first.log", "--embedded-port", str(embedded_port))
     try:
         banner = next(line for line in first.log.splitlines() if "embedded PostgreSQL data in" in line)
         first_dsn = banner.rsplit("DSN ", 1)[1].strip()
+        assert first_dsn == f"postgresql://postgres@127.0.0.1:{embedded_port}/postgres"  # the port asked for
         assert request(first.port, "POST", "/increment", {"key": "before", "value": 3})[0] == 202
 
         second = run_cli("serve", "--port", str(free_port()), "--admin-port", "0", "--data-dir", str(data_dir))
@@ -145,7 +148,18 @@ def test_a_missing_database_fails_at_once_instead_of_waiting(database: Database)
     dsn = database.dsn.rsplit("/", 1)[0] + "/fastcount_no_such_database"
     result = run_cli("migrate", "--dsn", dsn, "--db-wait", "600")
     line = assert_one_line(result, 1)
+    assert "refused the connection" in line  # it was reached: not "cannot reach"
     assert 'database "fastcount_no_such_database" does not exist' in line
+
+
+def test_an_embedded_port_already_in_use_is_refused_in_one_line(data_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("migrate", "--data-dir", str(data_dir), "--embedded-port", str(port))
+    line = assert_one_line(result, 1)
+    assert line == f"fastcount: --embedded-port {port} is in use on 127.0.0.1; give another or 0 (any free port)"
 
 
 def test_a_malformed_dsn_is_bad_usage_and_keeps_the_password_hidden() -> None:

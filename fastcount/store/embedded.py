@@ -124,8 +124,10 @@ def _port_is_free(port: int) -> bool:
 
 
 class EmbeddedPostgres:
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], port: int = 0) -> None:
+        """`port`: the one to listen on; 0: the one remembered in the data directory if free, else any free one."""
         self.data_dir = Path(data_dir).expanduser().resolve()
+        self.requested_port = port
         self.pgdata = self.data_dir / "pgdata"
         self.lock = DataDirLock(self.data_dir, str(data_dir))
         self.bindir = find_bindir()
@@ -160,14 +162,14 @@ class EmbeddedPostgres:
             raise
 
     def _start_locked(self) -> str:
-        if not (self.pgdata / "PG_VERSION").exists():
-            self._initdb()
         running_port = self._running_port()
         if running_port:
             self.port = running_port
             log.info("event=embedded_postgres_reused data_dir=%s dsn=%s", self.pgdata, self.dsn)
             return self.dsn
-        self.port = self._choose_port()
+        self.port = self._choose_port()  # before initdb: a port taken by another program fails without side effects
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb()
         (self.data_dir / PORT_FILE).write_text(str(self.port))
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
         # A session of its own: a Ctrl-C for fastcount must not also shut PostgreSQL down under the final flush.
@@ -205,6 +207,12 @@ class EmbeddedPostgres:
         remembered = self.data_dir / PORT_FILE
         if self.port:
             return self.port
+        if self.requested_port:
+            if not _port_is_free(self.requested_port):
+                raise EmbeddedPostgresError(
+                    f"--embedded-port {self.requested_port} is in use on 127.0.0.1; give another or 0 (any free port)"
+                )
+            return self.requested_port
         if remembered.exists():
             port = int(remembered.read_text().strip() or 0)
             if port and _port_is_free(port):
