@@ -549,6 +549,24 @@ def test_a_bug_of_ours_is_a_500_however_the_bytes_are_cut() -> None:
         assert [status for status, _ in responses(transport.written)] == [500], f"cut={cut}"
 
 
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"CONNECT x:1 HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", [413]),
+        (b"GET /echo HTTP/1.1\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+         b"POST /echo HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", [200, 413]),
+    ],
+)  # fmt: skip
+def test_a_rejection_after_an_upgrade_is_the_same_however_the_bytes_are_cut(data: bytes, expected: list[int]) -> None:
+    """The lean parser stops at an upgrade (or CONNECT) and hands the read to the full parser; the full parser's
+    413 must stay a 413 (found in review: handed over inside the `except` of the lean error, httptools chained the
+    full parser's error to it and the 413 became a 500)."""
+    for cut in (len(data), 1):
+        protocol, transport = connect()
+        feed(protocol, *[data[i : i + cut] for i in range(0, len(data), cut)])
+        assert [status for status, _ in responses(transport.written)] == expected, f"cut={cut}"
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_a_route_may_take_bodies_past_max_body_and_others_may_not(chunked: bool) -> None:
     """`Route(max_body=...)` (POST /events takes bulk arrays): that route alone takes bodies up to its own limit,

@@ -262,13 +262,15 @@ class HttpProtocol(asyncio.Protocol):
             if len(data) <= self.lean_max and not self.in_message and self.unparsed is None and b"100-" not in data:
                 # The common case, inline: whole requests in one small read, handled by the lean parser (rule 6).
                 handled_before = self.requests
+                lean_error = None
                 try:
                     self.lean_parser.feed_data(data)  # type: ignore[union-attr]
                 except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
-                    self._lean_abandoned(data, handled_before, error)
-                else:
-                    if self.in_message:  # the read ends inside a message
-                        self._lean_abandoned(data, handled_before, None)
+                    lean_error = error
+                # Outside the except clause: an error of the full parser's must not be chained to the lean one
+                # (httptools' `raise` would replace its __context__, turning a 413 into a 500).
+                if lean_error is not None or self.in_message:  # the read did not end cleanly between messages
+                    self._lean_abandoned(data, handled_before, lean_error)
             elif len(data) <= FEED_SLICE and self.unparsed is None:
                 self._feed(data)
             else:
@@ -484,7 +486,9 @@ class HttpProtocol(asyncio.Protocol):
         return b"".join(lines)
 
     def on_lean_url(self, url: bytes) -> None:
-        self.url = url  # whole: the lean parser's messages lie in one read, and a span is cut only by a read's end
+        # Whole: a lean read holds whole messages, and llhttp cuts a span only at a read's end (a later llhttp that
+        # did otherwise would fail tests/test_protocol_properties.py, which checks every answer against a model).
+        self.url = url
 
     def on_body(self, chunk: bytes) -> None:
         size = self.body_size + len(chunk)
