@@ -1,10 +1,10 @@
 """Random request streams, cut into random reads, answered as a model says: statuses, order, counts.
 
-A stream is a list of requests (increments plain, chunked, with Expect or an Upgrade header, bad JSON, unknown paths,
-wrong methods, slow async reads, heads and bodies at and past the limits, Connection: close, garbage). The model
-knows each request's answer and whether it ends the connection; whatever the cuts, the protocol must give exactly
-the model's answers in order and count exactly the increments it answered 202, the same as one request per write.
-Most examples drive HttpProtocol with a fake transport; fewer go over a real server's socket.
+A stream is a list of requests (increments plain, chunked, with Expect or an Upgrade header, CONNECT, bad JSON,
+unknown paths, wrong methods, slow async reads, heads and bodies at and past the limits, Connection: close,
+garbage). The model knows each request's answer and whether it ends the connection; whatever the cuts, the protocol
+must give exactly the model's answers in order and count exactly the increments it answered 202, the same as one
+request per write. Most examples drive HttpProtocol with a fake transport; fewer go over a real server's socket.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def requests(draw: st.DrawFn, key_prefix: str, async_path: bytes) -> Request:
     body = increment_body(key, value)
     kind = draw(
         st.sampled_from(
-            ["inc", "inc", "inc", "chunked", "expect", "upgrade", "bad_json", "not_found", "wrong_method", "read",
-             "head_fits", "head_too_big", "body_fits", "body_too_big", "chunked_too_big", "close", "garbage"]
+            ["inc", "inc", "inc", "chunked", "expect", "upgrade", "upgrade_get", "upgrade_too_big", "connect_too_big",
+             "bad_json", "not_found", "wrong_method", "read", "head_fits", "head_too_big", "body_fits", "body_too_big",
+             "chunked_too_big", "close", "garbage"]
         )
     )  # fmt: skip
     if kind == "inc":
@@ -89,6 +90,13 @@ def requests(draw: st.DrawFn, key_prefix: str, async_path: bytes) -> Request:
         data = with_length(b"POST", b"/increment", body, b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c",
                            b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA")  # fmt: skip
         return Request(data, (202,), counted=(key, value))
+    if kind == "upgrade_get":
+        return Request(head(b"GET", b"/healthz", b"Connection: upgrade", b"Upgrade: websocket"), (200,))
+    if kind == "upgrade_too_big":  # the upgrade is refused like any request: its body is measured (helper-24's case)
+        data = with_length(b"POST", b"/increment", b"x" * (MAX_BODY + 1), b"Connection: upgrade", b"Upgrade: h2c")
+        return Request(data, (413,), closes=True)
+    if kind == "connect_too_big":
+        return Request(b"CONNECT /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n", (413,), closes=True)
     if kind == "bad_json":
         return Request(with_length(b"POST", b"/increment", b"{not json"), (400,))
     if kind == "not_found":
