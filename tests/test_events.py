@@ -241,6 +241,10 @@ def test_metrics_exact_for_each_grouping_filter_and_unaligned_range(
     assert answer["unique_users"] < sum(group["unique_users"] for group in answer["groups"])  # type: ignore[attr-defined]
     assert request(server.port, "GET", "/metrics?event_name=x&group_by=week")[0] == 400
     assert request(server.port, "GET", "/metrics?from=1")[0] == 400
+    assert request(server.port, "HEAD", "/metrics?from=1")[::2] == (400, b"")  # HEAD: GET's answer without its body
+    query = f"/metrics?event_name={names[0]}&from={whole['from']}&to={whole['to']}"
+    status, headers, body = request(server.port, "HEAD", query)
+    assert (status, body, int(headers["Content-Length"])) == (200, b"", len(request(server.port, "GET", query)[2]))
     assert request(server.port, "GET", "/metrics?event_name=sign%00up")[0] == 400  # new-user trial: it was 503
     status, _, body = request(server.port, "GET", f"/metrics?event_name={names[0]}&from=0&to={2**40 - 1}")
     assert (status, json.loads(body)["error"][:37]) == (400, "'to' - 'from' must be at most 7862400")

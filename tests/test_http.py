@@ -110,3 +110,10 @@ def test_read_counter_and_health(start_server: StartServer, prefix: str) -> None
     assert request(server.port, "GET", "/readyz")[0] == 200
     for path in ("/healthz", "/readyz"):  # load balancers may check with HEAD: the same answer, no body
         assert request(server.port, "HEAD", path)[::2] == (200, b"")
+    # HEAD wherever a GET only reads (RFC 9110 9.3.2): the same status and headers, no body.
+    status, headers, body = request(server.port, "HEAD", "/counters/" + urllib.parse.quote(key, safe=""))
+    assert (status, body, headers["Content-Type"]) == (200, b"", "application/json")
+    assert request(server.port, "HEAD", "/counters/" + prefix + "never")[::2] == (404, b"")
+    # ... but not where a GET records something: HEAD /api/verve/accept?id=1 would count the id
+    status, headers, _ = request(server.port, "HEAD", "/api/verve/accept?id=1")
+    assert (status, headers["Allow"]) == (405, "GET")

@@ -249,7 +249,7 @@ class IncrementFeature(Feature):
     def routes(self) -> list[Route]:
         return [
             Route(b"POST", b"/increment", self.handle_increment, name="increment"),
-            Route(b"GET", b"/counters/", self.handle_read_counter, prefix=True, name="read_counter"),
+            Route(b"GET", b"/counters/", self.handle_read_counter, prefix=True, name="read_counter", head=True),
         ]
 
     def buffers(self) -> list[FlushBuffer]:

@@ -286,7 +286,7 @@ class EventsFeature(Feature):
     def routes(self) -> list[Route]:
         return [
             Route(b"POST", b"/events", self.handle_events, name="events", max_body=self.settings.events_max_body),
-            Route(b"GET", b"/metrics", self.handle_metrics, name="metrics"),
+            Route(b"GET", b"/metrics", self.handle_metrics, name="metrics", head=True),
         ]
 
     def buffers(self) -> list[FlushBuffer]:
