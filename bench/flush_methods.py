@@ -3,8 +3,9 @@ from one JSON parameter (json_each_text), or COPY of JSON parts into a staging t
 fastcount/features/increment.py uses).
 
 For each batch size it times each method inside a transaction, as the flusher runs them, on the insert path (new
-keys) and the update path (existing keys), against a private embedded PostgreSQL with default durability: wall time
-and this process's CPU. How long each holds the event loop is bench/loop_stalls.py's business.
+keys) and the update path (existing keys), against a private embedded PostgreSQL with default durability: wall time,
+this process's CPU, and the CPU of the PostgreSQL backend serving it (from /proc: what a flush costs the machine's
+other cores, e.g. wrk's in bench/run.py). How long each holds the event loop is bench/loop_stalls.py's business.
 
     python bench/flush_methods.py [--repeat 5]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -80,33 +82,41 @@ METHODS: dict[str, Method] = {
 }
 
 
-async def timed(conn: Any, method: Method, batch: dict[str, int]) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds): the second is what a worker pays, off its request budget."""
-    started, cpu_started = time.perf_counter(), time.process_time()
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process on this machine."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def timed(conn: Any, backend: int, method: Method, batch: dict[str, int]) -> tuple[float, float, float]:
+    """(wall seconds, this process's CPU seconds, the PostgreSQL backend's CPU seconds): the second is what a worker
+    pays off its request budget; the third what PostgreSQL pays (at 10 ms resolution: read medians of many)."""
+    started, cpu_started, backend_started = time.perf_counter(), time.process_time(), process_cpu(backend)
     async with conn.transaction():
         await method(conn, batch)
-    return time.perf_counter() - started, time.process_time() - cpu_started
+    return time.perf_counter() - started, time.process_time() - cpu_started, process_cpu(backend) - backend_started
 
 
 async def measure(dsn: str, repeat: int) -> None:
     conn = await connect(dsn)
     await migrate_async(conn, SCHEMA)
-    print(f"{'keys':>7} {'path':7}" + "".join(f" {name + ' ms':>10} {name + ' cpu':>10}" for name in METHODS))
+    backend = (await (await conn.execute("SELECT pg_backend_pid()")).fetchone())[0]
+    print(f"{'keys':>7} {'path':7}" + "".join(f" {name + ' ms':>10} {'cpu':>6} {'pg cpu':>6}" for name in METHODS))
     for size in SIZES:
         for path in ("insert", "update"):
-            results: dict[str, list[tuple[float, float]]] = {name: [] for name in METHODS}
+            results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in METHODS}
             for _ in range(repeat):
                 for name, method in METHODS.items():  # alternate: drift hits every method alike
                     await conn.execute("TRUNCATE counters")
                     batch = {f"bench-{size}-{i:08d}": 1 for i in range(size)}
                     if path == "update":
-                        await timed(conn, upsert_from_json_parts, batch)
-                    results[name].append(await timed(conn, method, batch))
+                        await timed(conn, backend, upsert_from_json_parts, batch)
+                    results[name].append(await timed(conn, backend, method, batch))
             line = f"{size:>7} {path:7}"
             for name in METHODS:
-                wall = statistics.median(wall for wall, _ in results[name])
-                cpu = statistics.median(cpu for _, cpu in results[name])
-                line += f" {wall * 1e3:>10.2f} {cpu * 1e3:>10.2f}"
+                wall, cpu, pg_cpu = (statistics.median(column) for column in zip(*results[name], strict=True))
+                line += f" {wall * 1e3:>10.2f} {cpu * 1e3:>6.1f} {pg_cpu * 1e3:>6.0f}"
             print(line, flush=True)
     await conn.close()
 
