@@ -218,3 +218,14 @@ def test_the_same_port_for_the_api_and_the_admin_listener_is_refused() -> None:
     result = run_cli("serve", "--port", "3399", "--admin-port", "3399")
     assert result.returncode == 2
     assert result.stderr.strip() == "fastcount: --port and --admin-port must differ, both are 3399"
+    # The embedded PostgreSQL's port too (it was taken first, then the listener failed naming "another server"):
+    for flag in ("--port", "--admin-port"):
+        result = run_cli("serve", "--embedded-port", "3398", flag, "3398")
+        assert (result.returncode, result.stderr.strip()) == (
+            2,
+            f"fastcount: --embedded-port and {flag} must differ, both are 3398",
+        )
+    # ... unless there is no embedded PostgreSQL: with --dsn the flag is unused (the DSN is then what fails)
+    result = run_cli("serve", "--embedded-port", "3398", "--port", "3398", "--dsn", "postgresql://u@127.0.0.1:1/x",
+                     "--db-wait", "0.2")  # fmt: skip
+    assert result.returncode == 1 and "could not be reached" in result.stderr, result.stderr

@@ -94,6 +94,8 @@ def test_exposition_parses_with_one_help_and_type_per_family_and_consistent_hist
         assert response.headers["Content-Type"].startswith("text/plain; version=")
         text = response.read().decode()
     assert text.endswith("\n")
+    status, headers, _ = request(admin, "POST", "/metrics")  # a 405 names what is allowed (RFC 9110 15.5.6)
+    assert (status, headers.get("Allow")) == (405, "GET")
     helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")]
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
     assert len(helps) == len(set(helps)) and sorted(helps) == sorted(types), "one HELP and one TYPE per family"

@@ -160,6 +160,10 @@ def test_an_embedded_port_already_in_use_is_refused_in_one_line(data_dir: Path) 
         result = run_cli("migrate", "--data-dir", str(data_dir), "--embedded-port", str(port))
     line = assert_one_line(result, 1)
     assert line == f"fastcount: --embedded-port {port} is in use on 127.0.0.1; give another or 0 (any free port)"
+    assert not (data_dir / "pgdata").exists()  # refused before initdb: nothing was created
+    # A privileged port: PostgreSQL runs unprivileged, so it could never bind it (as root the probe alone could).
+    line = assert_one_line(run_cli("migrate", "--data-dir", str(data_dir), "--embedded-port", "80"), 1)
+    assert line == "fastcount: --embedded-port 80 is privileged: use 1024 or above"
 
 
 def test_a_malformed_dsn_is_bad_usage_and_keeps_the_password_hidden() -> None:
@@ -198,6 +202,27 @@ def test_an_interrupted_start_of_the_embedded_postgres_leaves_no_server_running(
         if (embedded.pgdata / "postmaster.pid").exists():
             real_pg_ctl("-w", "-m", "immediate", "stop")
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_requested_port_a_left_running_server_cannot_take_is_warned_about(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fastcount killed with -9 leaves its PostgreSQL running, and the next start reuses it on its port: a different
+    --embedded-port cannot be honoured then, and the log says so (review: it was silently ignored)."""
+    from fastcount.store.embedded import EmbeddedPostgres
+
+    first_port, second_port = free_port(), free_port()
+    first = EmbeddedPostgres(data_dir, first_port)
+    second = EmbeddedPostgres(data_dir, second_port)
+    try:
+        first.start()
+        first.lock.release()  # what a kill -9 of fastcount leaves: the server running, the directory's lock free
+        with caplog.at_level("WARNING", logger="fastcount.store.embedded"):
+            assert second.start() == f"postgresql://postgres@127.0.0.1:{first_port}/postgres"
+        assert f"event=embedded_port_ignored requested={second_port} running={first_port}" in caplog.text
+    finally:
+        second.stop()
+        first.stop()
 
 
 def test_the_embedded_postgres_keeps_its_port_across_restarts() -> None:

@@ -21,7 +21,7 @@ READ_DEADLINE = 2.0  # seconds from accept to a complete request head
 WRITE_DEADLINE = 5.0  # seconds to take the whole answer (a metrics page can be ~100 KB)
 MAX_CLIENTS = 16  # beyond this, new connections wait in the listen backlog
 MAX_REQUEST = 8192
-HEAD = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+HEAD = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
 
 
 class AdminClient:
@@ -116,7 +116,7 @@ class AdminServer:
     def _answer(self, request: bytes) -> tuple[bytes, bytes, bytes]:
         method, _, rest = request.partition(b" ")
         path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
-        if method != b"GET":
+        if method != b"GET":  # (a 405 names what is allowed: `_respond` adds the Allow header)
             return b"405 Method Not Allowed", b"text/plain", b"GET only\n"
         if path == b"/healthz":
             return b"200 OK", b"text/plain", b"ok\n"
@@ -129,7 +129,8 @@ class AdminServer:
             return b"500 Internal Server Error", b"text/plain", b"metrics failed; see the master log\n"
 
     def _respond(self, client: AdminClient, status: bytes, content_type: bytes, body: bytes) -> None:
-        client.response = memoryview(HEAD % (status, content_type, len(body)) + body)
+        allow = b"Allow: GET\r\n" if status.startswith(b"405") else b""
+        client.response = memoryview(HEAD % (status, content_type, len(body), allow) + body)
         client.deadline = time.monotonic() + WRITE_DEADLINE
         self._write(client)
 

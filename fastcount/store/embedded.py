@@ -166,6 +166,12 @@ class EmbeddedPostgres:
         if running_port:
             self.port = running_port
             log.info("event=embedded_postgres_reused data_dir=%s dsn=%s", self.pgdata, self.dsn)
+            if self.requested_port and self.requested_port != running_port:
+                log.warning(
+                    "event=embedded_port_ignored requested=%d running=%d reason='a PostgreSQL left running in the"
+                    " data directory is reused on its port; stop fastcount, then pg_ctl -D %s stop, to move it'",
+                    self.requested_port, running_port, self.pgdata,
+                )  # fmt: skip
             return self.dsn
         self.port = self._choose_port()  # before initdb: a port taken by another program fails without side effects
         if not (self.pgdata / "PG_VERSION").exists():
@@ -208,6 +214,8 @@ class EmbeddedPostgres:
         if self.port:
             return self.port
         if self.requested_port:
+            if self.requested_port < 1024:  # PostgreSQL runs unprivileged (as root, under a service user)
+                raise EmbeddedPostgresError(f"--embedded-port {self.requested_port} is privileged: use 1024 or above")
             if not _port_is_free(self.requested_port):
                 raise EmbeddedPostgresError(
                     f"--embedded-port {self.requested_port} is in use on 127.0.0.1; give another or 0 (any free port)"
