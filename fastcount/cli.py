@@ -41,6 +41,9 @@ TRANSIENT_REFUSALS = (
     "too many clients",
     "connection slots are reserved",
 )
+# What libpq says when something answered that does not speak PostgreSQL's protocol (an HTTP server, say): waiting
+# cannot help either.
+NOT_POSTGRES = ("invalid response to SSL negotiation", "expected authentication request from server")
 CHECK_HINT = (
     "check that PostgreSQL is running there, the host and port, the user and password, and that the database exists"
 )
@@ -207,9 +210,14 @@ def reach_database(dsn: str, wait: float) -> None:
         except psycopg.OperationalError as error:
             reason = _reason(error, dsn)
             refused = "FATAL:" in str(error) and not any(text in str(error) for text in TRANSIENT_REFUSALS)
-            if refused or time.monotonic() + delay > deadline:
-                # It answered and said no (unknown database, role, password), or it never answered in time.
-                failed = "refused the connection" if refused else f"could not be reached within {wait:g}s"
+            not_postgres = any(text in str(error) for text in NOT_POSTGRES)
+            if refused or not_postgres or time.monotonic() + delay > deadline:
+                # It answered and said no (unknown database, role, password), something else answered, or nothing
+                # answered in time.
+                if not_postgres:
+                    failed = "answered, but not as PostgreSQL (is that the right port?)"
+                else:
+                    failed = "refused the connection" if refused else f"could not be reached within {wait:g}s"
                 raise StartupError(f"PostgreSQL at {mask_dsn(dsn)} {failed}: {reason}; {CHECK_HINT}") from None
             if not noticed and time.monotonic() - started >= WAIT_NOTICE_AFTER:
                 log.warning("event=waiting_for_postgres dsn=%s reason=%r up_to=%gs", mask_dsn(dsn), reason, wait)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -164,6 +165,34 @@ def test_an_embedded_port_already_in_use_is_refused_in_one_line(data_dir: Path) 
     # A privileged port: PostgreSQL runs unprivileged, so it could never bind it (as root the probe alone could).
     line = assert_one_line(run_cli("migrate", "--data-dir", str(data_dir), "--embedded-port", "80"), 1)
     assert line == "fastcount: --embedded-port 80 is privileged: use 1024 or above"
+
+
+@pytest.mark.parametrize("sslmode", ["prefer", "disable"])
+def test_a_dsn_pointing_at_something_else_fails_at_once(sslmode: str) -> None:
+    """An HTTP server on the DSN's port answers, but not as PostgreSQL: waiting cannot help (review: --db-wait was
+    waited out, then "could not be reached")."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def answer_like_http() -> None:
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return  # the listener was closed: the test is over
+                with client:
+                    client.recv(1024)
+                    client.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=answer_like_http, daemon=True).start()
+        started = time.monotonic()
+        dsn = f"postgresql://u@127.0.0.1:{port}/db?sslmode={sslmode}"
+        result = run_cli("migrate", "--dsn", dsn, "--db-wait", "600")
+        line = assert_one_line(result, 1)
+    assert "answered, but not as PostgreSQL" in line
+    assert time.monotonic() - started < 30  # at once, not after --db-wait (run_cli's own guard is 60 s)
 
 
 def test_a_malformed_dsn_is_bad_usage_and_keeps_the_password_hidden() -> None:
