@@ -259,7 +259,9 @@ class HttpProtocol(asyncio.Protocol):
         if sampled:
             started = perf_counter()
         try:
-            if len(data) <= self.lean_max and not self.in_message and self.unparsed is None and b"100-" not in data:
+            # (`find`, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an integer and builds a
+            # TypeError it then drops, about 1,300 of its 1,850 instructions.)
+            if len(data) <= self.lean_max and not self.in_message and self.unparsed is None and data.find(b"100-") < 0:
                 # The common case, inline: whole requests in one small read, handled by the lean parser (rule 6).
                 handled_before = self.requests
                 lean_error = None

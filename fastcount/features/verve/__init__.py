@@ -38,6 +38,9 @@ from fastcount.store.database import connect
 from fastcount.store.flusher import writer_identity
 
 log = logging.getLogger(__name__)
+# Bytes searched for one byte as an int: `in` finds an int with memchr, while a bytes needle is first tried as an
+# integer and a TypeError built and dropped (CPython 3.11: ~1,850 instructions against ~20 ns; see protocol.py).
+AMPERSAND = ord("&")
 
 JOB_ERROR_LOG_EVERY = 30.0
 JOB_MAX_DELAY = 5.0
@@ -98,7 +101,7 @@ class VerveFeature(Feature):
 
     def handle_accept(self, path: bytes, query: bytes, body: bytes) -> Response:
         # The hot path: no I/O, no logging, no locks; counts are plain ints. `id=<digits>` alone, inline.
-        if query[:3] == b"id=" and b"&" not in query:
+        if query[:3] == b"id=" and AMPERSAND not in query:
             raw_id = query[3:]
             if 0 < len(raw_id) < 19 and raw_id.isdigit():  # under 19 digits: within range, no check needed
                 response = self.ids.add_id(int(raw_id), now())

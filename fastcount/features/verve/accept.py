@@ -33,6 +33,7 @@ MIN_ID = -(2**63)
 MAX_ID = 2**63 - 1
 MAX_ID_DIGITS = 20  # "-9223372036854775808"
 MAX_ENDPOINT_BYTES = 2048
+PERCENT = ord("%")
 _UNSAFE_IN_URL = re.compile(rb"[\x00-\x20\x7f]").search  # controls and spaces: never part of a URL
 
 OK = Response(200, b"ok", b"text/plain", cacheable=True)
@@ -92,7 +93,7 @@ def parse_id(raw: bytes) -> int | None:
 def parse_endpoint(raw: bytes) -> str | None:
     """An absolute http:// or https:// URL with a host, at most 2,048 bytes once decoded, UTF-8, no spaces or
     control characters; or None. `+` is taken literally (RFC 3986), `%XX` is decoded."""
-    if b"%" in raw:
+    if PERCENT in raw:  # an int: see AMPERSAND in verve/__init__.py
         raw = unquote_to_bytes(raw)
     if len(raw) > MAX_ENDPOINT_BYTES:
         return None
