@@ -126,10 +126,10 @@ class Settings:
             )
         if self.port and self.port == self.admin_port:
             raise SettingError(f"{{0}} and {{1}} must differ, both are {self.port}", "port", "admin_port")
+        embedded_port = 0 if self.dsn else self.embedded_port  # with --dsn no embedded PostgreSQL takes it
         for other in ("port", "admin_port"):  # the embedded PostgreSQL would take it first, then the listener fail
-            port = self.embedded_port
-            if not self.dsn and port and port == getattr(self, other):
-                raise SettingError(f"{{0}} and {{1}} must differ, both are {port}", "embedded_port", other)
+            if embedded_port and embedded_port == getattr(self, other):
+                raise SettingError(f"{{0}} and {{1}} must differ, both are {embedded_port}", "embedded_port", other)
         if self.flush_max_keys > self.max_pending_keys:
             raise SettingError(
                 f"{{0}} ({self.flush_max_keys}) must not exceed {{1}} ({self.max_pending_keys})",
