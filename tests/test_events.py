@@ -3,6 +3,7 @@ across workers and instances, exact metrics, backpressure while PostgreSQL is un
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import http.client
 import json
@@ -13,6 +14,9 @@ import time
 from collections.abc import Callable
 
 import psycopg
+
+from fastcount.features.events import store
+from fastcount.features.events.validation import Clock, check_event
 
 from conftest import Database, Proxy, StartServer, free_port
 from events_support import expected, metrics
@@ -390,3 +394,46 @@ def test_a_metrics_query_held_by_a_lock_answers_503_after_the_timeout(
         holder.rollback()
     assert (status, retry_after) == (503, "1")
     assert request(server.port, "GET", "/metrics?event_name=held")[0] == 200, "the connection serves again"
+
+
+def test_a_flush_connection_writes_batches_again_and_again_with_its_parts_stored_uncompressed(
+    database: Database,
+) -> None:
+    """write_batch on one connection, three times: the session's parts table is made once (uncompressed: pglz on
+    ~100 KB parts was ~10% of the flush's PostgreSQL time), each batch's events are stored once, a batch written
+    again stores nothing."""
+    now = int(time.time())
+    prefix = f"uncompressed{random.randrange(10**9)}-"
+    clock = Clock(now, 5.0, 90 * DAY)
+    batches = []
+    for number in range(2):
+        batch = {}
+        for i in range(1500):  # two parts
+            identity, event = check_event(
+                {"event_name": f"{prefix}{i % 3}", "channel": "web", "user_id": f"u{i % 7}",
+                 "timestamp": now - 60 - i, "event_id": f"{number}-{i}"},
+                clock,
+            )  # fmt: skip
+            batch[(event["timestamp"] // DAY, identity)] = event
+        batches.append(batch)
+
+    async def write_all() -> tuple[list[int], str]:
+        async with await psycopg.AsyncConnection.connect(database.dsn) as conn:
+            inserted = []
+            for batch in (batches[0], batches[1], batches[0]):
+                async with conn.transaction():
+                    inserted.append(await store.write_batch(conn, batch))
+            row = await (
+                await conn.execute(
+                    "SELECT attstorage FROM pg_attribute"
+                    " WHERE attrelid = 'pg_temp.fastcount_events_parts'::regclass AND attname = 'part'"
+                )
+            ).fetchone()
+            assert row is not None
+            return inserted, str(row[0])
+
+    inserted, storage = asyncio.run(write_all())
+    assert inserted == [1500, 1500, 0]
+    assert storage == "e"  # EXTERNAL: out of line, not compressed
+    assert database.query("SELECT count(*) FROM events WHERE event_name LIKE %s", (prefix + "%",)) == [(3000,)]
+    assert database.query("SELECT sum(total) FROM event_rollups WHERE event_name LIKE %s", (prefix + "%",)) == [(3000,)]
