@@ -69,7 +69,10 @@ class Settings:
         minimum=1,
     )
     max_pending_keys: int = _knob(
-        1_000_000, "pending keys per worker (unflushed + in retry) past which new keys get 503", minimum=1
+        1_000_000,
+        "pending keys per worker (unflushed + in retry) past which a key not already pending gets 503 (keys of a"
+        " batch in retry are no longer pending)",
+        minimum=1,
     )
     crash_journal_mb: int = _knob(
         32,
@@ -127,6 +130,9 @@ class Settings:
         if self.port and self.port == self.admin_port:
             raise SettingError(f"{{0}} and {{1}} must differ, both are {self.port}", "port", "admin_port")
         embedded_port = 0 if self.dsn else self.embedded_port  # with --dsn no embedded PostgreSQL takes it
+        if 0 < embedded_port < 1024:  # PostgreSQL runs unprivileged (as root, under a service user)
+            raise SettingError(f"{{0}} {embedded_port} is privileged: use 1024 or above, or 0 (any free port)",
+                               "embedded_port")  # fmt: skip
         for other in ("port", "admin_port"):  # the embedded PostgreSQL would take it first, then the listener fail
             if embedded_port and embedded_port == getattr(self, other):
                 raise SettingError(f"{{0}} and {{1}} must differ, both are {embedded_port}", "embedded_port", other)

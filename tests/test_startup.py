@@ -162,9 +162,12 @@ def test_an_embedded_port_already_in_use_is_refused_in_one_line(data_dir: Path) 
     line = assert_one_line(result, 1)
     assert line == f"fastcount: --embedded-port {port} is in use on 127.0.0.1; give another or 0 (any free port)"
     assert not (data_dir / "pgdata").exists()  # refused before initdb: nothing was created
-    # A privileged port: PostgreSQL runs unprivileged, so it could never bind it (as root the probe alone could).
-    line = assert_one_line(run_cli("migrate", "--data-dir", str(data_dir), "--embedded-port", "80"), 1)
-    assert line == "fastcount: --embedded-port 80 is privileged: use 1024 or above"
+    # A privileged port: PostgreSQL runs unprivileged, so it could never bind it (as root the probe alone could). A
+    # wrong flag value: exit 2, before the data directory is touched (new-user trial: exit 1 and a lock file left).
+    untouched = data_dir / "untouched"
+    line = assert_one_line(run_cli("migrate", "--data-dir", str(untouched), "--embedded-port", "80"), 2)
+    assert line == "fastcount: --embedded-port 80 is privileged: use 1024 or above, or 0 (any free port)"
+    assert not untouched.exists()
 
 
 @pytest.mark.parametrize("sslmode", ["prefer", "disable"])

@@ -214,8 +214,6 @@ class EmbeddedPostgres:
         if self.port:
             return self.port
         if self.requested_port:
-            if self.requested_port < 1024:  # PostgreSQL runs unprivileged (as root, under a service user)
-                raise EmbeddedPostgresError(f"--embedded-port {self.requested_port} is privileged: use 1024 or above")
             if not _port_is_free(self.requested_port):
                 raise EmbeddedPostgresError(
                     f"--embedded-port {self.requested_port} is in use on 127.0.0.1; give another or 0 (any free port)"
