@@ -62,7 +62,7 @@ def test_validation_over_http_single_and_bulk_and_nothing_invalid_stored(
     assert post(conn, {**good, "user_id": 12}) == (400, {"error": "'user_id' must be a string"})
     assert post(conn, {**good, "tags": ["ok", "x" * 65]}) == (
         400,
-        {"error": "'tags' must be at most 64 bytes of UTF-8"},
+        {"error": "'tags'[1] must be at most 64 bytes of UTF-8"},
     )
     status, answer = post(
         conn, [{**good, "user_id": "u2"}, {**good, "channel": ""}, "nope", {**good, "user_id": "u3", "tags": ["a"]}]

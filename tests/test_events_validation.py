@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 import pytest
 
@@ -60,11 +62,11 @@ def nested(levels: int) -> dict[str, object]:
         (event(event_id=7), "'event_id' must be a string"),
         (event(event_id="e\x00"), "'event_id' must not contain NUL"),
         (event(tags="a"), "'tags' must be an array of strings"),
-        (event(tags=[1]), "'tags' must be a string"),
-        (event(tags=[""]), "'tags' must not be empty"),
-        (event(tags=["t" * 65]), "'tags' must be at most 64 bytes"),
+        (event(tags=["a", 1]), "'tags'[1] must be a string"),
+        (event(tags=[""]), "'tags'[0] must not be empty"),
+        (event(tags=["t" * 65]), "'tags'[0] must be at most 64 bytes"),
         (event(tags=["t"] * (MAX_TAGS + 1)), f"'tags' must hold at most {MAX_TAGS} tags"),
-        (event(tags=["a\x00"]), "'tags' must not contain NUL"),
+        (event(tags=["a\x00"]), "'tags'[0] must not contain NUL"),
         (event(metadata=[1]), "'metadata' must be an object"),
         (event(metadata={"k": "v" * MAX_METADATA_BYTES}), f"'metadata' must be at most {MAX_METADATA_BYTES} bytes"),
         (event(metadata={"k": {"deep": ["x\x00"]}}), "'metadata' must hold no NUL"),
@@ -80,7 +82,7 @@ def nested(levels: int) -> dict[str, object]:
     ],
 )
 def test_each_rule_names_the_field_and_the_rule(item: object, message: str) -> None:
-    with pytest.raises(InvalidEvent, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(InvalidEvent, match=re.escape(message)):
         check_event(item, CLOCK)
 
 

@@ -26,6 +26,7 @@ def test_invalid_increment_gets_400_naming_the_problem_and_counts_nothing(
         ({"key": prefix + "a", "value": 0}, "'value' must be from 1"),
         ({"key": prefix + "a", "value": 1.5}, "'value' must be an integer"),
         ({"key": prefix + "a", "value": True}, "'value' must be an integer"),
+        ({"key": prefix + "a", "value": 10**26}, "'value' must be an integer from 1 to 9007199254740991"),
         ({"value": 1}, "'key' is required"),
         ([{"key": prefix + "a", "value": 1}, {"key": prefix + "b", "value": -1}], "item 1"),
     ]:
@@ -35,6 +36,8 @@ def test_invalid_increment_gets_400_naming_the_problem_and_counts_nothing(
         assert problem in json.loads(body)["error"]
     status, _, body = request(server.port, "POST", "/increment", b"{not json")
     assert status == 400 and b"JSON" in body
+    status, _, body = request(server.port, "POST", "/increment", b'{"key": "\xff", "value": 1}')
+    assert status == 400 and b"not valid UTF-8" in body  # the decoder's reason is passed on
     server.stop()
     assert database.total(prefix) == 0
 

@@ -38,7 +38,6 @@ JSON_PART_KEYS = 2_000
 ACCEPTED = Response(202, cacheable=True)
 OVERLOADED = constant_error(503, "too many pending keys; retry later", ((b"Retry-After", b"1"),))
 COUNTER_NOT_FOUND = constant_error(404, "unknown key")
-BAD_JSON = constant_error(400, "body must be JSON")
 TOTAL_TOO_LARGE = constant_error(400, f"the key's total would pass {MAX_TOTAL}, the largest a counter holds")
 DATABASE_UNAVAILABLE = constant_error(503, "database unavailable", ((b"Retry-After", b"1"),))
 
@@ -84,10 +83,10 @@ def _check_item(item: object, where: str) -> tuple[str, int]:
         raise InvalidIncrement(f"{where}'key' must be 1 to {MAX_KEY_BYTES} bytes of UTF-8")
     if "\x00" in key:
         raise InvalidIncrement(f"{where}'key' must not contain NUL (U+0000): PostgreSQL text cannot hold it")
-    if type(value) is not int:  # bool is a subclass of int; `type` rejects it along with floats and strings
-        raise InvalidIncrement(
-            f"{where}'value' must be an integer" if value is not None else f"{where}'value' is required"
-        )
+    if value is None:
+        raise InvalidIncrement(f"{where}'value' is required")
+    if type(value) is not int:  # bool is a subclass of int; `type` rejects it along with floats (and 1e26) and strings
+        raise InvalidIncrement(f"{where}'value' must be an integer from 1 to {MAX_VALUE}")
     if not 1 <= value <= MAX_VALUE:
         raise InvalidIncrement(f"{where}'value' must be from 1 to {MAX_VALUE}")
     return key, value
@@ -97,8 +96,8 @@ def parse_increments(body: bytes, max_items: int | None = MAX_ITEMS) -> list[tup
     """The (key, value) pairs of a request body; raises InvalidIncrement naming the first problem."""
     try:
         document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidIncrement("body must be JSON") from None
+    except orjson.JSONDecodeError as error:
+        raise InvalidIncrement(f"body must be JSON ({error})") from None
     if type(document) is list:
         if not document:
             raise InvalidIncrement("array must hold at least one increment")
@@ -266,8 +265,8 @@ class IncrementFeature(Feature):
         pending = self.pending
         try:
             document = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return BAD_JSON
+        except orjson.JSONDecodeError as error:  # its reason says where, and when the body is not UTF-8
+            return error_response(400, f"body must be JSON ({error})")
         if type(document) is dict:
             key = document.get("key")
             value = document.get("value")

@@ -38,7 +38,6 @@ from fastcount.store.database import connect
 log = logging.getLogger(__name__)
 
 ACCEPTED_ONE = json_response(202, {"accepted": 1}, cacheable=True)
-BAD_JSON = constant_error(400, "body must be JSON: one event object or an array of them")
 OVERLOADED = constant_error(503, "too many pending events; retry later", ((b"Retry-After", b"1"),))
 DATABASE_UNAVAILABLE = constant_error(503, "database unavailable", ((b"Retry-After", b"1"),))
 QUERY_FAILED = constant_error(500, "the metrics query failed (logged as event=metrics_query_failed)")
@@ -320,9 +319,9 @@ class EventsFeature(Feature):
         buffer = self.buffer
         try:
             document = orjson.loads(body)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as error:  # its reason says where, and when the body is not UTF-8
             buffer.rejected += 1
-            return BAD_JSON
+            return error_response(400, f"body must be JSON: one event object or an array of them ({error})")
         if buffer.refuses(len(body), len(document) if type(document) is list else 1):
             buffer.request_flush()  # refused before validating: that work must not eat the time the flush needs
             return OVERLOADED

@@ -60,15 +60,16 @@ class Clock:
     retention_seconds: int
 
 
-def _string(value: object, field: str, limit: int) -> str:
+def _string(value: object, field: str, limit: int, shown: str = "") -> str:
+    """A checked string; errors name it as `shown` (one item of an array: 'tags'[2]), else as 'field'."""
     if type(value) is not str:
-        raise InvalidEvent(f"'{field}' must be a string")
+        raise InvalidEvent(f"{shown or repr(field)} must be a string")
     if not value:
-        raise InvalidEvent(f"'{field}' must not be empty")
+        raise InvalidEvent(f"{shown or repr(field)} must not be empty")
     if len(value) > limit // 4 and len(value.encode()) > limit:
-        raise InvalidEvent(f"'{field}' must be at most {limit} bytes of UTF-8")
+        raise InvalidEvent(f"{shown or repr(field)} must be at most {limit} bytes of UTF-8")
     if "\x00" in value:
-        raise InvalidEvent(f"'{field}' must not contain NUL (U+0000): PostgreSQL cannot store it")
+        raise InvalidEvent(f"{shown or repr(field)} must not contain NUL (U+0000): PostgreSQL cannot store it")
     return value
 
 
@@ -127,8 +128,8 @@ def check_event(item: object, clock: Clock) -> tuple[bytes, Event]:
             raise InvalidEvent("'tags' must be an array of strings")
         if len(tags) > MAX_TAGS:
             raise InvalidEvent(f"'tags' must hold at most {MAX_TAGS} tags")
-        for tag in tags:
-            _string(tag, "tags", MAX_TAG_BYTES)
+        for index, tag in enumerate(tags):
+            _string(tag, "tags", MAX_TAG_BYTES, f"'tags'[{index}]")
         event["tags"] = tags
     metadata = item.get("metadata")
     if metadata is not None:
@@ -170,8 +171,8 @@ def parse_events(body: bytes, clock: Clock, max_items: int | None = MAX_BULK) ->
     """One event object, or an array of them. Raises InvalidEvent when nothing in the body can be accepted."""
     try:
         document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidEvent("body must be JSON: one event object or an array of them") from None
+    except orjson.JSONDecodeError as error:
+        raise InvalidEvent(f"body must be JSON: one event object or an array of them ({error})") from None
     return check_document(document, clock, max_items)
 
 

@@ -30,7 +30,7 @@ from fastcount.features.verve.schema import (
     SCHEMA,
     WINDOW_SECONDS,
 )
-from fastcount.features.verve.settings import VerveSettings
+from fastcount.features.verve.settings import DEFAULT_WINDOW, VerveSettings
 from fastcount.server.responses import Response
 from fastcount.server.routing import Route
 from fastcount.settings import Settings
@@ -78,7 +78,8 @@ class VerveFeature(Feature):
         kept = int(row[0]) if row else window
         if kept != window:
             return (
-                f"{Settings.flag_name('verve_window')} {window} differs from this database's window, {kept} s (kept"
+                f"{Settings.flag_name('verve_window')} {window} differs from this database's window, {kept} s"
+                f"{' (' + str(window) + ' is the default)' if window == DEFAULT_WINDOW else ''} (kept"
                 f" since its first start; every instance sharing the database uses it): start with"
                 f" {Settings.flag_name('verve_window')} {kept}, or see 'Changing the window' in the README"
             )

@@ -38,10 +38,13 @@ def parse_allow_list(raw: str) -> AllowList:
     return AllowList(frozenset(hosts), tuple(networks))
 
 
+DEFAULT_WINDOW = 60
+
+
 @dataclass(frozen=True)
 class VerveSettings:
     verve_window: int = knob(
-        60,
+        DEFAULT_WINDOW,
         "seconds per unique-id window (windows are aligned to the Unix epoch); the same for every instance sharing"
         " the database, which keeps the one it was first started with",
         minimum=1,
