@@ -319,6 +319,52 @@ def test_backlog_bound_gives_503_while_postgres_unreachable_then_every_accepted_
         proxy.close()
 
 
+def test_a_full_worker_refuses_bodies_as_large_as_one_it_refused_undecoded_until_a_batch_commits(
+    start_server: StartServer, database: Database, prefix: str
+) -> None:
+    """Clients retrying into a full worker took a third of its time decoding arrays it then refused: once a body got
+    503 for want of room, bodies as large get 503 before they are decoded (so even an invalid one), smaller ones are
+    still read, and a commit lifts it."""
+    info = psycopg.conninfo.conninfo_to_dict(database.dsn)
+    proxy = Proxy((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))  # type: ignore[call-overload]
+    try:
+        dsn = psycopg.conninfo.make_conninfo(database.dsn, host="127.0.0.1", port=str(proxy.port))
+        server = start_server("--events-max-pending", "120", "--events-flush-max", "100", dsn=dsn)
+        now = int(time.time())
+        name = prefix + "latch"
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+
+        def array(first: int) -> list[dict[str, object]]:
+            return [
+                {"event_name": name, "channel": "web", "user_id": f"u{i}", "timestamp": now - 30, "event_id": f"{i:06}"}
+                for i in range(first, first + 50)
+            ]
+
+        assert post(conn, array(0))[0] == 202
+        wait_until(lambda: len(stored(database, prefix)) == 50)
+        proxy.cut()
+        assert [post(conn, array(first))[0] for first in (50, 100)] == [202, 202]  # 100 of 120 held
+        refused_body = json.dumps(array(150)).encode()
+        assert post(conn, array(150)) == (503, {"error": "too many pending events; retry later"})
+        for body, expected in [
+            (b"[" + b" " * len(refused_body), 503),  # as large, invalid: refused before it is decoded
+            (b"[" + b" " * (len(refused_body) - 2), 400),  # smaller: decoded, and its error answered
+        ]:
+            conn.request("POST", "/events", body=body)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == expected, body[:20]
+        proxy.restore()
+        wait_until(lambda: len(stored(database, prefix)) == 150)
+        assert post(conn, array(150))[0] == 202, "the commit lifted it"
+        conn.close()
+        wait_until(lambda: len(stored(database, prefix)) == 200)
+        assert server.stop() == 0
+        assert metrics_total(database, name) == 200
+    finally:
+        proxy.close()
+
+
 def metrics_total(database: Database, name: str) -> int:
     rows = database.query("SELECT coalesce(sum(total), 0) FROM event_rollups WHERE event_name = %s", (name,))
     return int(rows[0][0])  # type: ignore[call-overload]

@@ -162,3 +162,19 @@ def test_a_full_worker_refuses_before_parsing_when_nothing_of_that_size_can_be_a
         assert full.refuses(1, 1) and full.backlog_full()
     finally:
         os.close(fd)
+
+
+def test_a_refused_size_is_remembered_only_while_something_is_held_and_forgotten_at_a_commit() -> None:
+    buffer = PendingEvents(max_pending=10, flush_max=10)
+    buffer.refused(500)
+    assert buffer.refused_size == 0, "nothing held: no commit would ever lift it"
+    identity, accepted = check_event(event(), CLOCK)
+    assert buffer.add_one(identity, accepted, orjson.dumps(event())).status == 202
+    buffer.refused(500)
+    buffer.refused(300)
+    buffer.refused(400)
+    assert buffer.refused_size == 300
+    buffer.take()
+    assert buffer.refused_size == 300, "taken is not committed: the room comes back at the commit"
+    buffer.acknowledge()
+    assert buffer.refused_size == 0
