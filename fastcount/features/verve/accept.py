@@ -35,6 +35,7 @@ MAX_ID_DIGITS = 20  # "-9223372036854775808"
 MAX_ENDPOINT_BYTES = 2048
 PERCENT = ord("%")
 _UNSAFE_IN_URL = re.compile(rb"[\x00-\x20\x7f]").search  # controls and spaces: never part of a URL
+_BROKEN_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})").search  # unquote would keep it as typed, hiding the mistake
 
 OK = Response(200, b"ok", b"text/plain", cacheable=True)
 FAILED = Response(400, b"failed", b"text/plain", cacheable=True)
@@ -94,6 +95,8 @@ def parse_endpoint(raw: bytes) -> str | None:
     """An absolute http:// or https:// URL with a host, at most 2,048 bytes once decoded, UTF-8, no spaces or
     control characters; or None. `+` is taken literally (RFC 3986), `%XX` is decoded."""
     if PERCENT in raw:  # an int: see AMPERSAND in verve/__init__.py
+        if _BROKEN_ESCAPE(raw):
+            return None
         raw = unquote_to_bytes(raw)
     if len(raw) > MAX_ENDPOINT_BYTES:
         return None
