@@ -483,3 +483,45 @@ def test_a_flush_connection_writes_batches_again_and_again_with_its_parts_stored
     assert storage == "e"  # EXTERNAL: out of line, not compressed
     assert database.query("SELECT count(*) FROM events WHERE event_name LIKE %s", (prefix + "%",)) == [(3000,)]
     assert database.query("SELECT sum(total) FROM event_rollups WHERE event_name LIKE %s", (prefix + "%",)) == [(3000,)]
+
+
+def test_a_user_numbered_by_a_concurrent_flush_keeps_its_events_in_the_rollups(database: Database) -> None:
+    """Two flushes (two workers or instances) bring the same new user: the second waits for the first's number and
+    counts its own event under it (with ON CONFLICT DO NOTHING the waiting flush got no number back, and its event
+    was missing from the rollups)."""
+    now = int(time.time())
+    prefix = f"numbered{random.randrange(10**9)}-"
+    clock = Clock(now, 5.0, 90 * DAY)
+    user = prefix + "new-user"
+
+    def batch(event_id: str) -> dict[tuple[int, bytes], dict[str, object]]:
+        identity, event = check_event(
+            {"event_name": prefix + "e", "channel": "web", "user_id": user, "timestamp": now - 60,
+             "event_id": event_id},
+            clock,
+        )  # fmt: skip
+        return {(event["timestamp"] // DAY, identity): event}  # type: ignore[operator]
+
+    async def two_flushes() -> None:
+        first = await psycopg.AsyncConnection.connect(database.dsn)
+        second = await psycopg.AsyncConnection.connect(database.dsn)
+        try:
+            # The day's partition first, so that neither flush waits for the other's creating it (psycopg: each
+            # connection's first statement opens its transaction).
+            await first.execute(store.ENSURE_PARTITIONS, ([(now - 60) // DAY],))
+            await first.commit()
+            assert await store.write_batch(first, batch("a")) == 1  # the user is numbered, not yet committed
+            writing = asyncio.create_task(store.write_batch(second, batch("b")))
+            await asyncio.sleep(0.5)
+            assert not writing.done(), "the second flush waits for the first's user number"
+            await first.commit()
+            assert await writing == 1
+            await second.commit()
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(two_flushes())
+    assert database.query("SELECT count(*) FROM events WHERE event_name = %s", (prefix + "e",)) == [(2,)]
+    assert database.query("SELECT sum(total) FROM event_rollups WHERE event_name = %s", (prefix + "e",)) == [(2,)]
+    assert database.query("SELECT count(*) FROM event_users WHERE user_id = %s", (user,)) == [(1,)]
