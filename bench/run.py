@@ -529,6 +529,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="1: server on core 0, wrk on core 1; 2: all on both")
     parser.add_argument("--flush-interval", type=float, default=1.0, help="fastcount's --flush-interval")
     parser.add_argument(
+        "--postgres-cpu",
+        choices=("client", "server"),
+        default="client",
+        help="with 1 worker, the core of the PostgreSQL fastcount flushes to: wrk's (default: the best p99) or the"
+        " server's (its work then takes the worker's time, not wrk's: CPU per request as if it ran elsewhere)",
+    )
+    parser.add_argument(
         "--compare-with",
         type=Path,
         help="a directory holding another version's fastcount/ package (`git archive <rev> fastcount | tar -x -C DIR`),"
@@ -547,6 +554,11 @@ def main() -> int:
         os.sched_setaffinity(0, {int(CLIENT_CPU)})
     with temporary_postgres("fastcount-bench-") as database:
         postmaster = int((database.pgdata / "postmaster.pid").read_text().split()[0])
+        if args.workers == 1 and args.postgres_cpu == "server":
+            # On wrk's core, PostgreSQL's flush work slows wrk, and a worker that wrk no longer saturates spends more
+            # CPU per request (fewer ready connections per loop pass). Backends forked later inherit this.
+            for pid in process_tree(postmaster):
+                os.sched_setaffinity(pid, {int(SERVER_CPU)})
         contenders: list[Contender] = [
             Fastcount(database.dsn, args.script, args.workers, args.flush_interval, postgres_pid=postmaster),
             Uvicorn(args.workers),
