@@ -323,8 +323,8 @@ def test_a_full_worker_refuses_bodies_as_large_as_one_it_refused_undecoded_until
     start_server: StartServer, database: Database, prefix: str
 ) -> None:
     """Clients retrying into a full worker took a third of its time decoding arrays it then refused: once a body got
-    503 for want of room, bodies as large get 503 before they are decoded (so even an invalid one), smaller ones are
-    still read, and a commit lifts it."""
+    503 for want of room, bodies as large and with as many objects get 503 before they are decoded (so even an
+    invalid one), others are still read, and a commit lifts it."""
     info = psycopg.conninfo.conninfo_to_dict(database.dsn)
     proxy = Proxy((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))  # type: ignore[call-overload]
     try:
@@ -346,9 +346,11 @@ def test_a_full_worker_refuses_bodies_as_large_as_one_it_refused_undecoded_until
         assert [post(conn, array(first))[0] for first in (50, 100)] == [202, 202]  # 100 of 120 held
         refused_body = json.dumps(array(150)).encode()
         assert post(conn, array(150)) == (503, {"error": "too many pending events; retry later"})
+        size = len(refused_body)
         for body, expected in [
-            (b"[" + b" " * len(refused_body), 503),  # as large, invalid: refused before it is decoded
-            (b"[" + b" " * (len(refused_body) - 2), 400),  # smaller: decoded, and its error answered
+            (b"[" + b"{" * 50 + b" " * size, 503),  # as large, as many objects, invalid: refused before decoding
+            (b"[" + b"{" * 49 + b" " * size, 400),  # fewer objects: decoded, and its error answered
+            (b"[" + b"{" * 50 + b" " * (size - 60), 400),  # smaller: the same
         ]:
             conn.request("POST", "/events", body=body)
             response = conn.getresponse()

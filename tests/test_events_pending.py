@@ -151,6 +151,7 @@ def test_a_full_worker_refuses_before_parsing_when_nothing_of_that_size_can_be_a
         size = len(record)  # the last one, refused
         # The journal's compaction failed: a body of that size is refused before it is parsed; a tiny one would fit.
         assert buffer.refuses(size, 1) and not buffer.backlog_full()
+        assert buffer.refused_at is None, "the journal's refusals are not remembered: it makes room at the take"
         assert not buffer.refuses(1, 1)
         buffer.take()
         journal.take(1)
@@ -164,17 +165,20 @@ def test_a_full_worker_refuses_before_parsing_when_nothing_of_that_size_can_be_a
         os.close(fd)
 
 
-def test_a_refused_size_is_remembered_only_while_something_is_held_and_forgotten_at_a_commit() -> None:
+def test_a_refusal_by_the_bounds_is_remembered_while_something_is_held_and_forgotten_at_a_commit() -> None:
     buffer = PendingEvents(max_pending=10, flush_max=10)
-    buffer.refused(500)
-    assert buffer.refused_size == 0, "nothing held: no commit would ever lift it"
+    assert buffer.refuses(500, 11)
+    assert buffer.refused_at is None, "nothing held: no commit would ever lift it"
     identity, accepted = check_event(event(), CLOCK)
     assert buffer.add_one(identity, accepted, orjson.dumps(event())).status == 202
-    buffer.refused(500)
-    buffer.refused(300)
-    buffer.refused(400)
-    assert buffer.refused_size == 300
+    assert buffer.refuses(500, 10) and buffer.refused_at == (500, 10)
+    assert buffer.refuses(300, 12) and buffer.refused_at == (500, 10), "not smaller in both: kept"
+    assert buffer.refuses(300, 10) and buffer.refused_at == (300, 10)
+    as_many = b"[" + b"{}," * 10 + b" " * 300
+    assert buffer.refused_before_decoding(as_many)
+    assert not buffer.refused_before_decoding(b"[" + b"{}," * 9 + b" " * 300), "fewer events: decoded and checked"
+    assert not buffer.refused_before_decoding(as_many[:299]), "smaller: decoded and checked"
     buffer.take()
-    assert buffer.refused_size == 300, "taken is not committed: the room comes back at the commit"
+    assert buffer.refused_before_decoding(as_many), "taken is not committed: room comes back at the commit"
     buffer.acknowledge()
-    assert buffer.refused_size == 0
+    assert buffer.refused_at is None and not buffer.refused_before_decoding(as_many)

@@ -30,7 +30,7 @@ from fastcount.features.events.validation import (
     check_document,
     check_event,
 )
-from fastcount.server.responses import Response, constant_error, error_response, json_response
+from fastcount.server.responses import Response, constant_error, error_response, json_problem, json_response
 from fastcount.server.routing import Route
 from fastcount.settings import SettingError, check_knobs, knob
 from fastcount.store.database import connect
@@ -48,6 +48,7 @@ MAINTAIN_RETRY = 60.0
 # events of 100 B to 3 KB, so 3x, plus a fixed part for the dict entry and the key tuple.
 BYTES_PER_JSON_BYTE = 3
 BYTES_PER_EVENT = 512
+OPEN_BRACE = ord("{")  # an int: `bytes.count` of a one-byte bytes needle is no cheaper (see protocol.py on `in`)
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,9 @@ class PendingEvents(FlushBuffer):
         self.duplicates = 0
         # Events the writes of the flusher's current transaction found already stored, counted only once it committed.
         self.transaction_duplicates = 0
-        # The smallest body refused for want of room since the last commit (0: none): bodies as large are refused
-        # before they are decoded. Clients retrying into a full worker took a third of its time decoding arrays it
-        # then refused, time its flush needed (bench/events_bulk.lua: 55k -> 61k events/s sustained).
-        self.refused_size = 0
+        # (body bytes, events) of a request the pending or bytes bound refused since the last commit, or None: a body
+        # at least as large that may hold as many events is refused before it is decoded (see `refuses`).
+        self.refused_at: tuple[int, int] | None = None
 
     # -- the request path -------------------------------------------------------------------------------------------
 
@@ -187,21 +187,30 @@ class PendingEvents(FlushBuffer):
         pending bound, the bytes bound, or a journal that cannot take the body until the next flush. Checked between
         decoding and validating, which is most of a request's cost, so that clients retrying into a full worker do
         not take the time its flush needs. (An array with invalid items is journaled and counted as its accepted
-        items only, so it may be refused here though it would have fitted.)"""
-        journal = self.journal
-        return (
-            len(self.pending) + self.unacknowledged + items > self.max_pending
-            or self._over_bytes(body_size * BYTES_PER_JSON_BYTE + items * BYTES_PER_EVENT)
-            or (journal is not None and journal.refuses(body_size))
-        )
+        items only, so it may be refused here though it would have fitted.)
 
-    def refused(self, body_size: int) -> None:
-        """A body of `body_size` bytes got 503 for want of room: so will any as large until a batch commits (the bounds
-        only loosen then). Remembered only while something is held, so that a commit is sure to come (a body larger
-        than the bounds themselves, refused with nothing held, must not shut the door for good)."""
-        if self.pending or self.unacknowledged:
-            self.refused_size = min(self.refused_size or body_size, body_size)
-        self.request_flush()
+        A refusal by the bounds is remembered until the next commit (`refused_before_decoding`): until then, what
+        is held only grows or moves from pending to the batch in flight, so a request at least as large in bytes
+        and in events is refused too. Only while something is held, so that a commit is sure to come. (The journal
+        makes room at the next take, sooner: its refusals are not remembered.)"""
+        if len(self.pending) + self.unacknowledged + items > self.max_pending or self._over_bytes(
+            body_size * BYTES_PER_JSON_BYTE + items * BYTES_PER_EVENT
+        ):
+            refused_at = self.refused_at
+            if (self.pending or self.unacknowledged) and (
+                refused_at is None or (body_size <= refused_at[0] and items <= refused_at[1])
+            ):
+                self.refused_at = (body_size, items)
+            return True
+        journal = self.journal
+        return journal is not None and journal.refuses(body_size)
+
+    def refused_before_decoding(self, body: bytes) -> bool:
+        """True when `body` is at least as large as a request the bounds refused since the last commit, and may hold
+        as many events: every event object has a '{' (an event with metadata has more, so such a body may be
+        refused a moment early, until the commit; never later)."""
+        refused_at = self.refused_at
+        return refused_at is not None and len(body) >= refused_at[0] and body.count(OPEN_BRACE) >= refused_at[1]
 
     def backlog_full(self) -> bool:
         return (
@@ -223,7 +232,7 @@ class PendingEvents(FlushBuffer):
     def acknowledge(self) -> None:
         self.unacknowledged = 0
         self.unacknowledged_bytes = 0
-        self.refused_size = 0
+        self.refused_at = None
 
     def describe(self, batch: EventBatch) -> tuple[int, int]:
         return len(batch.events), len(batch.events)
@@ -330,16 +339,19 @@ class EventsFeature(Feature):
 
     def handle_events(self, path: bytes, query: bytes, body: bytes) -> Response:
         buffer = self.buffer
-        if buffer.refused_size and len(body) >= buffer.refused_size:
+        if buffer.refused_at is not None and buffer.refused_before_decoding(body):
+            # Clients retrying into a full worker had it spend a third of its time decoding arrays it then refused
+            # (bench/events_bulk.lua: 52-53k -> 56-58k events/s sustained without that work).
             buffer.request_flush()
             return OVERLOADED
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as error:  # its reason says where, and when the body is not UTF-8
             buffer.rejected += 1
-            return error_response(400, f"body must be JSON: one event object or an array of them ({error})")
+            problem = json_problem(error)
+            return error_response(400, f"body must be JSON: one event object or an array of them ({problem})")
         if buffer.refuses(len(body), len(document) if type(document) is list else 1):
-            buffer.refused(len(body))  # refused before validating: that work must not eat the time the flush needs
+            buffer.request_flush()  # refused before validating: that work must not eat the time the flush needs
             return OVERLOADED
         if type(document) is dict:  # the common case, inline: this is the hot path
             try:
