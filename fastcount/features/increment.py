@@ -18,7 +18,7 @@ import orjson
 import psycopg
 
 from fastcount.features.base import Feature, FeatureContext, FeatureMetric, FlushBuffer
-from fastcount.server.responses import Response, constant_error, error_response, json_response
+from fastcount.server.responses import Response, constant_error, error_response, json_problem, json_response
 from fastcount.server.routing import Route
 from fastcount.store.database import COPY_JSON_LINES
 
@@ -97,7 +97,7 @@ def parse_increments(body: bytes, max_items: int | None = MAX_ITEMS) -> list[tup
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise InvalidIncrement(f"body must be JSON ({error})") from None
+        raise InvalidIncrement(f"body must be JSON ({json_problem(error)})") from None
     if type(document) is list:
         if not document:
             raise InvalidIncrement("array must hold at least one increment")
@@ -266,7 +266,7 @@ class IncrementFeature(Feature):
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as error:  # its reason says where, and when the body is not UTF-8
-            return error_response(400, f"body must be JSON ({error})")
+            return error_response(400, f"body must be JSON ({json_problem(error)})")
         if type(document) is dict:
             key = document.get("key")
             value = document.get("value")

@@ -39,6 +39,13 @@ def constant_error(status: int, message: str, headers: Headers = ()) -> Response
     return json_response(status, {"error": message}, headers, cacheable=True)
 
 
+def json_problem(error: ValueError) -> str:
+    """A JSON decoder's reason, for a client: orjson's, except that a body that is not UTF-8 is said so plainly
+    (orjson adds 'surrogates not allowed' and a position that is not where the bad byte is)."""
+    text = str(error)
+    return "not valid UTF-8" if "not valid UTF-8" in text else text
+
+
 def error_response(status: int, message: str) -> Response:
     """An error answer whose message depends on the request; rendered each time."""
     return json_response(status, {"error": message})

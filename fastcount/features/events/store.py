@@ -115,7 +115,7 @@ CREATE_PARTS = """
     DO $$ BEGIN
         IF to_regclass('pg_temp.fastcount_events_parts') IS NULL THEN
             CREATE TEMP TABLE fastcount_events_parts (part jsonb NOT NULL) ON COMMIT DELETE ROWS;
-            ALTER TABLE fastcount_events_parts ALTER COLUMN part SET STORAGE EXTERNAL;
+            ALTER TABLE pg_temp.fastcount_events_parts ALTER COLUMN part SET STORAGE EXTERNAL;
         END IF;
     END $$
 """

@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from fastcount.server.responses import json_problem
+
 MAX_EVENT_NAME_BYTES = 128
 MAX_CHANNEL_BYTES = 64
 MAX_USER_ID_BYTES = 256
@@ -172,7 +174,7 @@ def parse_events(body: bytes, clock: Clock, max_items: int | None = MAX_BULK) ->
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise InvalidEvent(f"body must be JSON: one event object or an array of them ({error})") from None
+        raise InvalidEvent(f"body must be JSON: one event object or an array of them ({json_problem(error)})") from None
     return check_document(document, clock, max_items)
 
 

@@ -78,9 +78,9 @@ class VerveFeature(Feature):
         kept = int(row[0]) if row else window
         if kept != window:
             return (
-                f"{Settings.flag_name('verve_window')} {window} differs from this database's window, {kept} s"
-                f"{' (' + str(window) + ' is the default)' if window == DEFAULT_WINDOW else ''} (kept"
-                f" since its first start; every instance sharing the database uses it): start with"
+                f"{Settings.flag_name('verve_window')} {window}"
+                f"{' (the default)' if window == DEFAULT_WINDOW else ''} differs from this database's window, {kept} s"
+                f" (kept since its first start; every instance sharing the database uses it): start with"
                 f" {Settings.flag_name('verve_window')} {kept}, or see 'Changing the window' in the README"
             )
         if verve.kafka_bootstrap:  # a report goes to one topic, whichever instance publishes it
