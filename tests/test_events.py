@@ -18,7 +18,7 @@ import psycopg
 from fastcount.features.events import store
 from fastcount.features.events.validation import Clock, check_event
 
-from conftest import Database, Proxy, StartServer, free_port
+from conftest import Database, ProxiedDatabase, Proxy, StartServer, free_port
 from events_support import expected, metrics
 from httpclient import request
 
@@ -320,51 +320,46 @@ def test_backlog_bound_gives_503_while_postgres_unreachable_then_every_accepted_
 
 
 def test_a_full_worker_refuses_bodies_as_large_as_one_it_refused_undecoded_until_a_batch_commits(
-    start_server: StartServer, database: Database, prefix: str
+    proxied_database: ProxiedDatabase, start_server: StartServer, database: Database, prefix: str
 ) -> None:
     """Clients retrying into a full worker took a third of its time decoding arrays it then refused: once a body got
     503 for want of room, bodies as large and with as many objects get 503 before they are decoded (so even an
     invalid one), others are still read, and a commit lifts it."""
-    info = psycopg.conninfo.conninfo_to_dict(database.dsn)
-    proxy = Proxy((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))  # type: ignore[call-overload]
-    try:
-        dsn = psycopg.conninfo.make_conninfo(database.dsn, host="127.0.0.1", port=str(proxy.port))
-        server = start_server("--events-max-pending", "120", "--events-flush-max", "100", dsn=dsn)
-        now = int(time.time())
-        name = prefix + "latch"
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    proxy = proxied_database.proxy
+    server = start_server("--events-max-pending", "120", "--events-flush-max", "100", dsn=proxied_database.dsn)
+    now = int(time.time())
+    name = prefix + "latch"
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
 
-        def array(first: int) -> list[dict[str, object]]:
-            return [
-                {"event_name": name, "channel": "web", "user_id": f"u{i}", "timestamp": now - 30, "event_id": f"{i:06}"}
-                for i in range(first, first + 50)
-            ]
+    def array(first: int) -> list[dict[str, object]]:
+        return [
+            {"event_name": name, "channel": "web", "user_id": f"u{i}", "timestamp": now - 30, "event_id": f"{i:06}"}
+            for i in range(first, first + 50)
+        ]
 
-        assert post(conn, array(0))[0] == 202
-        wait_until(lambda: len(stored(database, prefix)) == 50)
-        proxy.cut()
-        assert [post(conn, array(first))[0] for first in (50, 100)] == [202, 202]  # 100 of 120 held
-        refused_body = json.dumps(array(150)).encode()
-        assert post(conn, array(150)) == (503, {"error": "too many pending events; retry later"})
-        size = len(refused_body)
-        for body, expected in [
-            (b"[" + b"{" * 50 + b" " * size, 503),  # as large, as many objects, invalid: refused before decoding
-            (b"[" + b"{" * 49 + b" " * size, 400),  # fewer objects: decoded, and its error answered
-            (b"[" + b"{" * 50 + b" " * (size - 60), 400),  # smaller: the same
-        ]:
-            conn.request("POST", "/events", body=body)
-            response = conn.getresponse()
-            response.read()
-            assert response.status == expected, body[:20]
-        proxy.restore()
-        wait_until(lambda: len(stored(database, prefix)) == 150)
-        assert post(conn, array(150))[0] == 202, "the commit lifted it"
-        conn.close()
-        wait_until(lambda: len(stored(database, prefix)) == 200)
-        assert server.stop() == 0
-        assert metrics_total(database, name) == 200
-    finally:
-        proxy.close()
+    assert post(conn, array(0))[0] == 202
+    wait_until(lambda: len(stored(database, prefix)) == 50)
+    proxy.cut()
+    assert [post(conn, array(first))[0] for first in (50, 100)] == [202, 202]  # 100 of 120 held
+    refused_body = json.dumps(array(150)).encode()
+    assert post(conn, array(150)) == (503, {"error": "too many pending events; retry later"})
+    size = len(refused_body)
+    for body, status in [
+        (b"[" + b"{" * 50 + b" " * size, 503),  # as large, as many objects, invalid: refused before decoding
+        (b"[" + b"{" * 49 + b" " * size, 400),  # fewer objects: decoded, and its error answered
+        (b"[" + b"{" * 50 + b" " * (size - 60), 400),  # smaller: the same
+    ]:
+        conn.request("POST", "/events", body=body)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == status, body[:20]
+    proxy.restore()
+    wait_until(lambda: len(stored(database, prefix)) == 150)
+    assert post(conn, array(150))[0] == 202, "the commit lifted it"
+    conn.close()
+    wait_until(lambda: len(stored(database, prefix)) == 200)
+    assert server.stop() == 0
+    assert metrics_total(database, name) == 200
 
 
 def metrics_total(database: Database, name: str) -> int:
