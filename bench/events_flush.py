@@ -3,6 +3,7 @@ PostgreSQL and time every statement, without HTTP or ingestion beside it (what o
 
     python bench/events_flush.py --batches 20 --batch 50000 --span 2592000   # a 30-day backfill: rollups' worst case
     python bench/events_flush.py --batches 10 --batch 50000 --span 3600      # live traffic: the last hour
+    python bench/events_flush.py --batches 10 --batch 50000 --span 3600 --preload-users 4000000  # a large user base
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def batch_of(rng: random.Random, size: int, end: int, span: int, seed: int) -> d
 async def run(args: argparse.Namespace) -> None:
     with temporary_postgres("fastcount-bench-flush-", args.pg_port) as database:
         await migrate_dsn(database.dsn, schema())
+        if args.preload_users:  # a database that has seen many users (the batches' own are among them)
+            async with await psycopg.AsyncConnection.connect(database.dsn, autocommit=True) as setup:
+                await setup.execute(
+                    "INSERT INTO event_users (user_id) SELECT 'user' || g FROM generate_series(0, %s - 1) AS g",
+                    (args.preload_users,),
+                )
+                await setup.execute("VACUUM ANALYZE event_users")
         conn = await psycopg.AsyncConnection.connect(database.dsn, cursor_factory=TimedCursor)
         rng = random.Random(1)
         end = int(time.time())
@@ -83,6 +91,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch", type=int, default=50_000)
     parser.add_argument("--span", type=int, default=30 * 86_400 - 3600, help="seconds the timestamps spread over")
+    parser.add_argument("--preload-users", type=int, default=0, help="users numbered before the first batch")
     parser.add_argument("--pg-port", type=int, default=0, help="the throw-away PostgreSQL's port (default: a free one)")
     asyncio.run(run(parser.parse_args()))
 
