@@ -48,7 +48,7 @@ MAINTAIN_RETRY = 60.0
 # events of 100 B to 3 KB, so 3x, plus a fixed part for the dict entry and the key tuple.
 BYTES_PER_JSON_BYTE = 3
 BYTES_PER_EVENT = 512
-OPEN_BRACE = ord("{")  # an int: `bytes.count` of a one-byte bytes needle is no cheaper (see protocol.py on `in`)
+OPEN_BRACE = ord("{")  # counted in a body refused before decoding: ~30 us per 100 KB, against ~280 us to decode it
 
 
 @dataclass(frozen=True)
