@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from run import cpu_seconds  # noqa: E402 (bench/run.py: this directory is on the path of a script run from it)
 
 from fastcount.features.increment import SCHEMA, _dumps, upsert_from_json_parts  # noqa: E402
 from fastcount.store.database import connect, migrate_async  # noqa: E402
@@ -82,20 +83,13 @@ METHODS: dict[str, Method] = {
 }
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of another process on this machine."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def timed(conn: Any, backend: int, method: Method, batch: dict[str, int]) -> tuple[float, float, float]:
     """(wall seconds, this process's CPU seconds, the PostgreSQL backend's CPU seconds): the second is what a worker
     pays off its request budget; the third what PostgreSQL pays (at 10 ms resolution: read medians of many)."""
-    started, cpu_started, backend_started = time.perf_counter(), time.process_time(), process_cpu(backend)
+    started, cpu_started, backend_started = time.perf_counter(), time.process_time(), cpu_seconds([backend])
     async with conn.transaction():
         await method(conn, batch)
-    return time.perf_counter() - started, time.process_time() - cpu_started, process_cpu(backend) - backend_started
+    return time.perf_counter() - started, time.process_time() - cpu_started, cpu_seconds([backend]) - backend_started
 
 
 async def measure(dsn: str, repeat: int) -> None:

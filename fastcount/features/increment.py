@@ -92,12 +92,17 @@ def _check_item(item: object, where: str) -> tuple[str, int]:
     return key, value
 
 
+def undecodable(error: orjson.JSONDecodeError) -> str:
+    """The 400's message for a body orjson could not decode (the handler decodes inline, `parse_increments` too)."""
+    return f"body must be JSON ({json_problem(error)})"
+
+
 def parse_increments(body: bytes, max_items: int | None = MAX_ITEMS) -> list[tuple[str, int]]:
     """The (key, value) pairs of a request body; raises InvalidIncrement naming the first problem."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise InvalidIncrement(f"body must be JSON ({json_problem(error)})") from None
+        raise InvalidIncrement(undecodable(error)) from None
     if type(document) is list:
         if not document:
             raise InvalidIncrement("array must hold at least one increment")
@@ -266,7 +271,7 @@ class IncrementFeature(Feature):
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as error:  # its reason says where, and when the body is not UTF-8
-            return error_response(400, f"body must be JSON ({json_problem(error)})")
+            return error_response(400, undecodable(error))
         if type(document) is dict:
             key = document.get("key")
             value = document.get("value")

@@ -174,8 +174,13 @@ def parse_events(body: bytes, clock: Clock, max_items: int | None = MAX_BULK) ->
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise InvalidEvent(f"body must be JSON: one event object or an array of them ({json_problem(error)})") from None
+        raise InvalidEvent(undecodable(error)) from None
     return check_document(document, clock, max_items)
+
+
+def undecodable(error: orjson.JSONDecodeError) -> str:
+    """The 400's message for a body orjson could not decode (the handler decodes inline, `parse_events` too)."""
+    return f"body must be JSON: one event object or an array of them ({json_problem(error)})"
 
 
 def check_document(document: object, clock: Clock, max_items: int | None = MAX_BULK) -> Parsed:
