@@ -87,20 +87,23 @@ def test_a_buffer_dedups_per_window_bounds_pending_and_replays_its_journal_recor
     ids.journal = Recorder()  # type: ignore[assignment]
     assert ids.add(1, "http://a/", 100.0) is OK
     assert ids.add(1, None, 101.0) is OK  # a duplicate: no journal record
+    assert ids.add_id(1, b"1", 101.0) is OK  # the same, without an endpoint
     assert ids.add(2, "http://b/", 102.0) is OK  # past max_endpoints: id counted, endpoint dropped
-    assert ids.add(1, None, 111.0) is OK  # the next window: 1 is new there
+    assert ids.add_id(-1, b"-01", 111.0) is OK  # the next window; its record keeps the digits as they came
     assert ids.add(3, None, 112.0) is OVERLOADED  # three ids pending
-    assert (ids.accepted, ids.duplicates, ids.endpoints_dropped) == (3, 1, 1)
-    assert len(records) == 3
+    assert ids.add_id(4, b"4", 112.0) is OVERLOADED
+    assert (ids.accepted, ids.duplicates, ids.endpoints_dropped, ids.refused) == (3, 2, 1, 2)
+    assert len(records) == 3 and records[2] == b"I" + (110).to_bytes(8, "little") + b"-01"
     batch = ids.take()
-    assert batch == ({100: [1, 2], 110: [1]}, {100: ["http://a/"]})
+    assert batch == ({100: [1, 2], 110: [-1]}, {100: ["http://a/"]})
     assert ids.replay(records) == batch
+    assert ids.replay(records[2:] + [b"I" + (110).to_bytes(8, "little") + b"1x"]) == ({110: [-1]}, {}), "not an id"
     assert ids.replay([ids.snapshot(), b"R\x01"]) == ({}, {})  # nothing pending now; a torn record is skipped
     assert ids.add(3, None, 112.0) is OVERLOADED  # the taken batch still counts until acknowledged
     ids.acknowledge()
-    assert ids.add(3, None, 112.0) is OK
+    assert ids.add(3, None, 112.0) is OK and ids.accepted == 4
     assert ids.replay([ids.snapshot()]) == ({110: [3]}, {})
-    assert ids.split(batch) == [({100: [1, 2]}, {}), ({110: [1]}, {100: ["http://a/"]})]
+    assert ids.split(batch) == [({100: [1, 2]}, {}), ({110: [-1]}, {100: ["http://a/"]})]
     # halves in id order: written one after the other, they insert in the order every flusher uses (no deadlock)
     assert ids.split(({60: [9, 1, 5, 3]}, {})) == [({60: [1, 3]}, {}), ({60: [5, 9]}, {})]
     assert FAILED.status == 400 and OVERLOADED.status == 503 and OK.body == b"ok"
@@ -162,19 +165,32 @@ def test_forgotten_seen_sets_are_freed_a_few_per_take_and_never_pile_up() -> Non
     from fastcount.features.verve.accept import SEEN_SHARDS, SHARDS_FREED_PER_TAKE
 
     ids = PendingIds(window_seconds=10, max_pending=2, max_endpoints=1, flush_max_keys=100)
-    assert ids.add_id(1, 100.0) is OK and ids.add_id(2, 100.0) is OK
+    assert ids.add_id(1, b"1", 100.0) is OK and ids.add_id(2, b"2", 100.0) is OK
     assert len(ids.retired_seen) == SEEN_SHARDS  # the first window's roll set the (empty) initial shards aside
     ids.take()
     ids.acknowledge()
     assert len(ids.retired_seen) == SEEN_SHARDS - SHARDS_FREED_PER_TAKE
-    assert ids.add_id(3, 101.0) is OK  # a third id this window: past max_pending, the seen sets are set aside
+    assert ids.add_id(3, b"3", 101.0) is OK  # a third id this window: past max_pending, the seen sets are set aside
     assert len(ids.retired_seen) == 2 * SEEN_SHARDS - SHARDS_FREED_PER_TAKE
-    assert ids.add_id(1, 101.0) is OK and ids.accepted == 4  # 1 is new to this worker's dedup again
+    assert ids.add_id(1, b"1", 101.0) is OK and ids.accepted == 4  # 1 is new to this worker's dedup again
     ids.take()
     ids.acknowledge()
     assert len(ids.retired_seen) == 2 * SEEN_SHARDS - 2 * SHARDS_FREED_PER_TAKE
-    assert ids.add_id(4, 111.0) is OK  # a new window, before flushes caught up: the old ones are dropped at once
+    assert ids.add_id(4, b"4", 111.0) is OK  # a new window, before flushes caught up: the old ones are dropped at once
     assert len(ids.retired_seen) == SEEN_SHARDS
+
+
+def test_an_early_flush_is_asked_for_once_per_batch_at_flush_max_keys() -> None:
+    ids = PendingIds(window_seconds=10, max_pending=100, max_endpoints=1, flush_max_keys=3)
+    asked: list[int] = []
+    ids.request_flush = lambda: asked.append(ids.pending_count)
+    for n in range(5):
+        assert ids.add_id(n, b"%d" % n, 100.0) is OK
+    assert asked == [3], "at the third id, not again before the take"
+    ids.take()
+    for n in range(5, 9):
+        assert ids.add(n, None, 100.0) is OK
+    assert asked == [3, 3] and ids.accepted == 9
 
 
 def test_logs_show_endpoints_without_their_user_info() -> None:
