@@ -3,6 +3,7 @@ callback target checks and URLs. No server, no database."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
@@ -97,7 +98,7 @@ def test_a_buffer_dedups_per_window_bounds_pending_and_replays_its_journal_recor
     batch = ids.take()
     assert batch == ({100: [1, 2], 110: [-1]}, {100: ["http://a/"]})
     assert ids.replay(records) == batch
-    assert ids.replay(records[2:] + [b"I" + (110).to_bytes(8, "little") + b"1x"]) == ({110: [-1]}, {}), "not an id"
+    assert ids.replay([*records[2:], b"I" + (110).to_bytes(8, "little") + b"1x"]) == ({110: [-1]}, {}), "not an id"
     assert ids.replay([ids.snapshot(), b"R\x01"]) == ({}, {})  # nothing pending now; a torn record is skipped
     assert ids.add(3, None, 112.0) is OVERLOADED  # the taken batch still counts until acknowledged
     ids.acknowledge()
@@ -159,25 +160,33 @@ def test_due_windows_wait_for_the_grace_period(tmp_path: object) -> None:
     assert reporter.last_due(1201.4) == 1140
 
 
-def test_forgotten_seen_sets_are_freed_a_few_per_take_and_never_pile_up() -> None:
-    """The window's seen ids are set aside (not freed at once: that held the loop) and freed 4 shards per take;
-    past two windows' worth they are dropped at once, so memory stays bounded."""
-    from fastcount.features.verve.accept import SEEN_SHARDS, SHARDS_FREED_PER_TAKE
+def test_forgotten_seen_sets_are_freed_one_per_loop_pass_and_never_pile_up() -> None:
+    """The window's seen ids are set aside, not freed at once (that held the loop), and freed one shard per pass of
+    the event loop; past one window's worth waiting they are dropped at once, so memory stays bounded."""
+    from fastcount.features.verve.accept import SEEN_SHARDS
 
-    ids = PendingIds(window_seconds=10, max_pending=2, max_endpoints=1, flush_max_keys=100)
-    assert ids.add_id(1, b"1", 100.0) is OK and ids.add_id(2, b"2", 100.0) is OK
-    assert len(ids.retired_seen) == SEEN_SHARDS  # the first window's roll set the (empty) initial shards aside
-    ids.take()
-    ids.acknowledge()
-    assert len(ids.retired_seen) == SEEN_SHARDS - SHARDS_FREED_PER_TAKE
-    assert ids.add_id(3, b"3", 101.0) is OK  # a third id this window: past max_pending, the seen sets are set aside
-    assert len(ids.retired_seen) == 2 * SEEN_SHARDS - SHARDS_FREED_PER_TAKE
-    assert ids.add_id(1, b"1", 101.0) is OK and ids.accepted == 4  # 1 is new to this worker's dedup again
-    ids.take()
-    ids.acknowledge()
-    assert len(ids.retired_seen) == 2 * SEEN_SHARDS - 2 * SHARDS_FREED_PER_TAKE
-    assert ids.add_id(4, b"4", 111.0) is OK  # a new window, before flushes caught up: the old ones are dropped at once
-    assert len(ids.retired_seen) == SEEN_SHARDS
+    async def scenario() -> None:
+        ids = PendingIds(window_seconds=10, max_pending=2, max_endpoints=1, flush_max_keys=100)
+        assert ids.add_id(1, b"1", 100.0) is OK and ids.add_id(2, b"2", 100.0) is OK
+        assert len(ids.retired_seen) == SEEN_SHARDS  # the first window's roll set the (empty) initial shards aside
+        await asyncio.sleep(0)
+        assert len(ids.retired_seen) == SEEN_SHARDS - 1, "one shard a pass"
+        ids.take()
+        ids.acknowledge()
+        assert ids.add_id(3, b"3", 101.0) is OK  # a third id this window: past max_pending, the seen sets are set aside
+        assert len(ids.retired_seen) == 2 * SEEN_SHARDS - 1
+        assert ids.add_id(1, b"1", 101.0) is OK and ids.accepted == 4  # 1 is new to this worker's dedup again
+        await asyncio.sleep(0)
+        assert len(ids.retired_seen) == 2 * SEEN_SHARDS - 2, "still one a pass"
+        ids.take()
+        ids.acknowledge()
+        assert ids.add_id(4, b"4", 111.0) is OK  # a new window with more than a window's worth waiting: dropped
+        assert len(ids.retired_seen) == SEEN_SHARDS
+        for _ in range(SEEN_SHARDS):
+            await asyncio.sleep(0)
+        assert ids.retired_seen == [] and not ids.freeing
+
+    asyncio.run(scenario())
 
 
 def test_an_early_flush_is_asked_for_once_per_batch_at_flush_max_keys() -> None:

@@ -560,10 +560,11 @@ class HttpProtocol(asyncio.Protocol):
             # A query string: its path alone is most often an exact route (GET /api/verve/accept?id=...).
             query_at = url.find(b"?")
             if query_at != -1:
-                table = exact.get(url[:query_at])
+                path = url[:query_at]  # (set again below if it is no exact route)
+                table = exact.get(path)
                 route = table.get(method) if table is not None else None
                 if route is not None:
-                    path, query = url[:query_at], url[query_at + 1 :]
+                    query = url[query_at + 1 :]
             if route is None:
                 path, query, target = state.router.resolve_target(method, url)
                 if isinstance(target, Response):

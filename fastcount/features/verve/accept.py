@@ -61,10 +61,9 @@ NEVER = 1 << 62  # a count no buffer reaches
 SEEN_SHARDS = 64
 SHARD_MASK = SEEN_SHARDS - 1
 SHARD_SHIFT = 6
-# Shards a new window (or the max_pending bound) set aside are freed a few per flush, not all at once: freeing 1M ids
-# in one go holds the loop for tens of milliseconds. At most two sets of shards wait (about 2 x max_pending ids);
-# past that (windows shorter than 16 flushes, or max_pending passed twice in 16) they are freed at once.
-SHARDS_FREED_PER_TAKE = 4
+# Shards a new window (or the max_pending bound) set aside are freed one per pass of the event loop, not all at once:
+# freeing 1M ids in one go holds the loop for tens of milliseconds, and four shards at a time (62,700 ids, as each
+# flush once did) held it 0.9-2.0 ms under bench/verve_accept.lua.
 
 # A batch: {window start: ids} and {window start: endpoints}.
 Batch = tuple[dict[int, list[int]], dict[int, list[str]]]
@@ -160,7 +159,8 @@ class PendingIds(FlushBuffer):
         self.id_tag = b""  # ID_MARK + the window: the start of this window's id records
         # ids of the current window this worker took (pending or flushed), in shards (see SEEN_SHARDS)
         self.seen: list[set[int]] = [set() for _ in range(SEEN_SHARDS)]
-        self.retired_seen: list[set[int]] = []  # set aside by `_forget_seen`, freed by `take`
+        self.retired_seen: list[set[int]] = []  # set aside by `_forget_seen`, freed by `_free_retired`
+        self.freeing = False  # a `_free_retired` is scheduled
         self.endpoints_seen: set[str] = set()
         self.current_ids: list[int] = []
         self.current_endpoints: list[str] = []
@@ -263,12 +263,27 @@ class PendingIds(FlushBuffer):
         self.check_at = min(flush_at, forget_at)
 
     def _forget_seen(self) -> None:
-        if len(self.retired_seen) >= SEEN_SHARDS:  # flushes fell behind: bound the memory rather than the stall
+        if len(self.retired_seen) >= SEEN_SHARDS:  # freeing fell behind (a loop this busy?): bound the memory
             self.retired_seen.clear()
         self.retired_seen += self.seen
         self.seen = [set() for _ in range(SEEN_SHARDS)]
         self.forgot_at = self.accepted
         self._next_check()
+        if not self.freeing:
+            try:
+                asyncio.get_running_loop().call_soon(self._free_retired)
+                self.freeing = True
+            except RuntimeError:  # no event loop (a tool, a test): at once
+                self.retired_seen.clear()
+
+    def _free_retired(self) -> None:
+        """One shard set aside by `_forget_seen`, then again on the loop's next pass until none is left."""
+        if self.retired_seen:
+            del self.retired_seen[-1]
+        if self.retired_seen:
+            asyncio.get_running_loop().call_soon(self._free_retired)
+        else:
+            self.freeing = False
 
     def backlog_full(self) -> bool:
         return self.pending_count >= self.room
@@ -276,7 +291,6 @@ class PendingIds(FlushBuffer):
     # -- FlushBuffer ------------------------------------------------------------------------------------------------
 
     def take(self) -> Batch | None:
-        del self.retired_seen[-SHARDS_FREED_PER_TAKE:]
         if not self.pending_count and not any(self.pending_endpoints.values()):
             return None
         batch = (
