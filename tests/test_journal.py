@@ -197,3 +197,33 @@ def test_used_bytes_counts_the_active_region_only() -> None:
     assert journal.used_bytes() == 8 + len(body("a", 1)) + len(body("b", 22))
     journal.take(1)
     assert journal.used_bytes() == 0, "the batch taken is in flight, not in the active region"
+
+
+def test_a_preamble_starts_every_region_and_a_region_it_no_longer_fits_is_sealed() -> None:
+    """Rule 3 (verve's window: its id records do not carry one). Every region starts with the preamble, a compaction's
+    too; a snapshot that fits only without it is refused, not cut off; where a new preamble fits nowhere, no later
+    record may land after the old one (found by mutation testing)."""
+    fd, file = new_journal()
+    journal = file.sections["increment"]
+    room = REGION - 4  # a region's bytes for records: the last 4 are the zero length that ends it
+    assert journal.set_preamble(b"W1", lambda: b"S") and journal.append(b"a")
+    journal.take(1)
+    assert journal.append(b"b")
+    assert [batch.records for batch in recover(fd)] == [[b"W1", b"a"], [b"W1", b"b"]]
+    journal.acknowledge()
+
+    assert not journal.compact(lambda: b"S" * (room - (4 + 2) - 4 + 1)), "one byte too many beside the preamble"
+    journal.take(2)
+    journal.acknowledge()
+    assert journal.compact(lambda: b"S" * (room - (4 + 2) - 4))
+    assert [batch.records for batch in recover(fd)] == [[b"W1", b"S" * (room - 10)]]
+
+    journal.take(3)
+    journal.acknowledge()
+    assert journal.append(b"x" * (room - (4 + 2) - 4 - 8))  # 8 bytes left: a 1-byte record fits, a 9-byte one not
+    assert not journal.set_preamble(b"W2-long", lambda: b"S" * REGION)
+    assert not journal.append(b"c"), "sealed: 'c' would be read as W1's"
+    assert [batch.records[0] for batch in recover(fd)] == [b"W1"]
+    journal.take(4)
+    assert journal.append(b"d")
+    assert [batch.records[0] for batch in recover(fd)] == [b"W1", b"W2-long"], "the next region starts with the new one"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import random
 
 import pytest
 
@@ -21,6 +23,7 @@ from fastcount.features.verve.callbacks import callback_url, refusal, shown
 from fastcount.features.verve.outbox import report_message
 from fastcount.features.verve.reporter import Reporter, iso
 from fastcount.features.verve.settings import VerveSettings, parse_allow_list
+from fastcount.store.journal import JournalFile, recover
 
 
 def test_query_takes_id_and_endpoint_and_ignores_the_rest() -> None:
@@ -85,6 +88,9 @@ def test_a_buffer_dedups_per_window_bounds_pending_and_replays_its_journal_recor
         def append_or_compact(self, record: bytes, snapshot: object) -> bool:
             return self.append(record)
 
+        def set_preamble(self, record: bytes, snapshot: object) -> bool:
+            return self.append(record)
+
     ids.journal = Recorder()  # type: ignore[assignment]
     assert ids.add(1, "http://a/", 100.0) is OK
     assert ids.add(1, None, 101.0) is OK  # a duplicate: no journal record
@@ -94,11 +100,13 @@ def test_a_buffer_dedups_per_window_bounds_pending_and_replays_its_journal_recor
     assert ids.add(3, None, 112.0) is OVERLOADED  # three ids pending
     assert ids.add_id(4, b"4", 112.0) is OVERLOADED
     assert (ids.accepted, ids.duplicates, ids.endpoints_dropped, ids.refused) == (3, 2, 1, 2)
-    assert len(records) == 3 and records[2] == b"I" + (110).to_bytes(8, "little") + b"-01"
+    window_110 = b"W" + (110).to_bytes(8, "little")
+    assert len(records) == 5 and records[3:] == [window_110, b"-01"], "a window's record, then the digits as they came"
     batch = ids.take()
     assert batch == ({100: [1, 2], 110: [-1]}, {100: ["http://a/"]})
     assert ids.replay(records) == batch
-    assert ids.replay([*records[2:], b"I" + (110).to_bytes(8, "little") + b"1x"]) == ({110: [-1]}, {}), "not an id"
+    assert ids.replay([*records[3:], b"1x", b"X"]) == ({110: [-1]}, {}), "not an id, an unknown record"
+    assert ids.replay([b"5", window_110, b"6"]) == ({110: [6]}, {}), "an id before any window: unread"
     assert ids.replay([ids.snapshot(), b"R\x01"]) == ({}, {})  # nothing pending now; a torn record is skipped
     assert ids.add(3, None, 112.0) is OVERLOADED  # the taken batch still counts until acknowledged
     ids.acknowledge()
@@ -108,6 +116,58 @@ def test_a_buffer_dedups_per_window_bounds_pending_and_replays_its_journal_recor
     # halves in id order: written one after the other, they insert in the order every flusher uses (no deadlock)
     assert ids.split(({60: [9, 1, 5, 3]}, {})) == [({60: [1, 3]}, {}), ({60: [5, 9]}, {})]
     assert FAILED.status == 400 and OVERLOADED.status == 503 and OK.body == b"ok"
+
+
+def test_every_unacknowledged_id_comes_back_from_the_real_journal_in_its_window() -> None:
+    """Random requests, window rolls, takes, acknowledgements and (with 4 KiB regions) compactions, some of which do
+    not fit, on the real shared-memory journal; then a crash: recovering it gives back every id answered ok as new and
+    not acknowledged, each in the window it was answered in (an id record carries no window: the region's preamble and
+    the window records do), and nothing that was not answered ok (a new endpoint's record repeats its id: harmless,
+    PostgreSQL keeps one)."""
+    for seed in range(150):
+        rnd = random.Random(seed)
+        fd = os.memfd_create("journal")
+        try:
+            journal = JournalFile(fd, 4096, ["verve"], lambda name: "writer")
+            max_pending = rnd.randint(5, 600)
+            ids = PendingIds(10, max_pending, 3, rnd.randint(1, max_pending))
+            ids.journal = journal.sections["verve"]
+            pool = [rnd.randint(-(10**6), 10**6) for _ in range(50)] + [2**63 - 1, -(2**63), 0, -1]
+            pending: set[tuple[int, int]] = set()
+            in_flight: set[tuple[int, int]] = set()
+            answered: set[tuple[int, int]] = set()
+            now, seq, taken = 1000.0, 1, False
+            for _ in range(rnd.randint(1, 1500)):
+                action = rnd.random()
+                if action < 0.01:
+                    now += rnd.choice([3, 10, 0.001])
+                elif action < 0.012 and not taken and ids.take() is not None:
+                    ids.journal.take(seq)
+                    seq, taken, in_flight, pending = seq + 1, True, pending, set()
+                elif action < 0.02 and taken:
+                    ids.acknowledge()
+                    ids.journal.acknowledge()
+                    taken, in_flight = False, set()
+                else:
+                    ident = rnd.choice(pool)
+                    digits = b"%d" % ident
+                    if ident >= 0 and len(digits) < 19 and rnd.random() < 0.3:
+                        digits = b"0" * rnd.randint(1, 19 - len(digits)) + digits  # as it came: leading zeros
+                    before = ids.accepted
+                    if rnd.random() < 0.8:
+                        ids.add_id(ident, digits, now)
+                    else:
+                        ids.add(ident, rnd.choice([None, "http://a/", "http://b/" + "x" * 300]), now)
+                    if ids.accepted > before:
+                        pending.add((ids.window, ident))
+                        answered.add((ids.window, ident))
+            recovered = set()
+            for batch in recover(fd):
+                for window, values in ids.replay(batch.records)[0].items():
+                    recovered |= {(window, ident) for ident in values}
+            assert pending | in_flight <= recovered <= answered, seed
+        finally:
+            os.close(fd)
 
 
 def test_refused_callback_targets() -> None:
@@ -187,6 +247,37 @@ def test_forgotten_seen_sets_are_freed_one_per_loop_pass_and_never_pile_up() -> 
         assert ids.retired_seen == [] and not ids.freeing
 
     asyncio.run(scenario())
+
+
+def test_the_seen_sets_are_set_aside_past_max_pending_ids_since_the_last_time() -> None:
+    ids = PendingIds(window_seconds=10, max_pending=3, max_endpoints=1, flush_max_keys=100)
+    assert ids.add_id(1, b"1", 100.0) is OK and ids.add_id(2, b"2", 100.0) is OK
+    assert ids.add_id(1, b"1", 111.0) is OK  # a new window, two ids still pending: set aside at 2 accepted
+    ids.take()
+    ids.acknowledge()
+    assert ids.add_id(2, b"2", 111.0) is OK and ids.add_id(3, b"3", 111.0) is OK  # 3 seen this window: all kept
+    assert ids.add_id(1, b"1", 111.0) is OK and ids.duplicates == 1
+    assert ids.add_id(4, b"4", 111.0) is OK  # a fourth: past max_pending, set aside
+    ids.take()
+    ids.acknowledge()
+    assert ids.add_id(1, b"1", 111.0) is OK and (ids.duplicates, ids.accepted) == (1, 7), "1 is new again"
+
+
+def test_a_journal_that_takes_nothing_gets_503s_counted_and_nothing_taken() -> None:
+    class Full:
+        def append(self, record: bytes) -> bool:
+            return False
+
+        def append_or_compact(self, record: bytes, snapshot: object) -> bool:
+            return False
+
+        def set_preamble(self, record: bytes, snapshot: object) -> bool:
+            return False
+
+    ids = PendingIds(window_seconds=10, max_pending=3, max_endpoints=1, flush_max_keys=100)
+    ids.journal = Full()  # type: ignore[assignment]
+    assert ids.add_id(1, b"1", 100.0) is OVERLOADED and ids.add(2, "http://a/", 100.0) is OVERLOADED
+    assert (ids.refused, ids.accepted, ids.take()) == (2, 0, None)
 
 
 def test_an_early_flush_is_asked_for_once_per_batch_at_flush_max_keys() -> None:

@@ -16,7 +16,11 @@ Rules it keeps:
    not read.
 2. Header fields are single aligned words written in an order that leaves every crash point recoverable (see `take`
    and `acknowledge`); the directory's magic is written last, so a half-initialised journal reads as empty.
-3. A region is zeroed (its pages given back) up to where it was used before it is used again. An acknowledged
+3. A section may have a *preamble*: a record every region it activates from then on starts with, so that the records
+   that follow can be read in its context (verve: the window its ids belong to). Setting one appends it at once; if it
+   does not fit, the region is sealed (takes no more records) until the next take, since a later record would be read
+   in the old context.
+4. A region is zeroed (its pages given back) up to where it was used before it is used again. An acknowledged
    region (and the one a compaction left) is unmarked first (recovery never reads a spare region) and zeroed
    afterwards by a task, a step at a time with the event loop given back between steps: punching 4 MiB at once held
    the loop ~1.3 ms, 31 MiB ~7.7 ms (bench/loop_stalls.py). What is not done yet is done before the region's reuse.
@@ -84,6 +88,7 @@ class Journal:
         "in_flight",
         "mm",
         "pos",
+        "preamble",
         "region_bytes",
         "releasing",
         "used_to",
@@ -107,6 +112,7 @@ class Journal:
         # this, every request while the region is full would serialise everything pending again (31-56 ms at
         # 0.5-1 M keys) before its 503.
         self.compact_failed = False
+        self.preamble = b""
         self._activate(0)
 
     def _start(self, region: int) -> int:
@@ -125,6 +131,8 @@ class Journal:
         self.active = region
         self.pos = self._start(region)
         self.end = self.pos + self.region_bytes - LENGTH.size  # room for the zero length that ends a full region
+        if self.preamble:
+            self.append(self.preamble)  # an empty region: it fits
 
     def used_bytes(self) -> int:
         """How much of the active region is taken (it is compacted, or requests get 503, when full)."""
@@ -147,6 +155,15 @@ class Journal:
         self.pos = end
         return True
 
+    def set_preamble(self, record: bytes, snapshot: Callable[[], bytes]) -> bool:
+        """Rule 3: from now on every region starts with `record`, and it is appended now. False when it does not fit
+        even after compacting: the region is then sealed until the next take (appends fail, requests get 503)."""
+        self.preamble = record
+        if self.append_or_compact(record, snapshot):
+            return True
+        self.end = self.pos
+        return False
+
     def append_or_compact(self, record: bytes, snapshot: Callable[[], bytes]) -> bool:
         """Append; on a full region compact it and append again. False when there is no room even so, and then no
         compaction is tried again until the next take: what is pending only grows until then, so it would serialise
@@ -165,11 +182,12 @@ class Journal:
         if self.compact_failed:
             return False
         record = snapshot()
-        if 4 + len(record) > self.region_bytes - LENGTH.size:
+        preamble_bytes = 4 + len(self.preamble) if self.preamble else 0
+        if preamble_bytes + 4 + len(record) > self.region_bytes - LENGTH.size:
             self.compact_failed = True
             return False
         self._remember_use()
-        self._activate(self._spare())
+        self._activate(self._spare())  # the preamble first, then the snapshot
         self.append(record)
         _write(self.mm, self.base, _ACTIVE, self.active)
         self._release_soon()  # the old region, now spare
