@@ -65,6 +65,8 @@ class Measurement:
     requests_per_second: float
     cpu_seconds: float
     cpu_us_per_request: float
+    # of it, in user space: the kernel's share (TCP, epoll) is alike for every contender, so what a server adds is here
+    user_us_per_request: float
     latency_ms: dict[str, float]
     non_2xx: int
     socket_errors: int
@@ -106,14 +108,14 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], user_only: bool = False) -> float:
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        total += int(fields[11]) + (0 if user_only else int(fields[12]))  # utime, stime
     return total / CLOCK_TICKS
 
 
@@ -419,11 +421,11 @@ def measure(contender: Contender, round_: int, args: argparse.Namespace) -> Meas
         warmup = run_wrk(port, args.script, 1, args.connections, client_cpus)
         pids = process_tree(process.pid)
         contender.probes_start(port)
-        before = cpu_seconds(pids)
+        before, user_before = cpu_seconds(pids), cpu_seconds(pids, user_only=True)
         started = time.monotonic()
         result = run_wrk(port, args.script, args.duration, args.connections, client_cpus)
         elapsed = time.monotonic() - started
-        used = cpu_seconds(pids) - before
+        used, user = cpu_seconds(pids) - before, cpu_seconds(pids, user_only=True) - user_before
         extra = contender.probes_stop()
         requests = int(result["requests"])  # type: ignore[call-overload]
         checked = contender.after(process, requests + int(warmup["requests"]), 2 * args.connections)  # type: ignore[call-overload]
@@ -435,6 +437,7 @@ def measure(contender: Contender, round_: int, args: argparse.Namespace) -> Meas
             requests_per_second=round(requests / elapsed),
             cpu_seconds=round(used, 2),
             cpu_us_per_request=round(used / requests * 1e6, 2),
+            user_us_per_request=round(user / requests * 1e6, 2),
             latency_ms=result["latency_ms"],  # type: ignore[arg-type]
             non_2xx=int(result["non_2xx"]) + int(warmup["non_2xx"]),  # type: ignore[call-overload]
             socket_errors=int(result["socket_errors"]),  # type: ignore[call-overload]
@@ -463,7 +466,8 @@ def summarise(results: list[Measurement], args: argparse.Namespace) -> None:
     )
     for name in names:
         print(
-            f"  {name:10s} {_median(results, name, lambda r: r.cpu_us_per_request):6.2f} us CPU/req  "
+            f"  {name:10s} {_median(results, name, lambda r: r.cpu_us_per_request):6.2f} us CPU/req "
+            f"({_median(results, name, lambda r: r.user_us_per_request):5.2f} user)  "
             f"p99 {_median(results, name, lambda r: r.latency_ms.get('99', 0)):6.2f} ms  "
             f"p99.9 {_median(results, name, lambda r: r.latency_ms.get('99.9', 0)):6.2f} ms"
         )
@@ -584,7 +588,8 @@ def main() -> int:
                 probes = "".join(f"  {name} {value}" for name, value in result.extra.items())
                 print(
                     f"{result.contender:10s} round {round_}: {result.requests_per_second:7d} req/s  "
-                    f"{result.cpu_us_per_request:6.2f} us CPU/req  p50 {result.latency_ms.get('50', 0):.2f} ms  "
+                    f"{result.cpu_us_per_request:6.2f} us CPU/req ({result.user_us_per_request:5.2f} user)  "
+                    f"p50 {result.latency_ms.get('50', 0):.2f} ms  "
                     f"p99 {result.latency_ms.get('99', 0):.2f} ms  p99.9 {result.latency_ms.get('99.9', 0):.2f} ms  "
                     f"non-2xx {result.non_2xx}  errors {result.socket_errors}  {result.checked_total}{probes}",
                     flush=True,
