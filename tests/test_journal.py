@@ -227,3 +227,22 @@ def test_a_preamble_starts_every_region_and_a_region_it_no_longer_fits_is_sealed
     journal.take(4)
     assert journal.append(b"d")
     assert [batch.records[0] for batch in recover(fd)] == [b"W1", b"W2-long"], "the next region starts with the new one"
+
+
+def test_preambles_alone_are_nothing_to_recover_and_a_compacting_one_is_written_once() -> None:
+    """A worker that left only preambles (every id it answered committed) leaves nothing: the master keeps no journal
+    for it and starts no recovery (found in review)."""
+    fd, file = new_journal()
+    journal = file.sections["increment"]
+    assert journal.set_preamble(b"W1", lambda: b"S") and recover(fd) == []
+    journal.append(b"a")
+    journal.take(1)
+    journal.acknowledge()
+    assert journal.set_preamble(b"W2", lambda: b"S") and recover(fd) == []
+    assert journal.append(b"b")
+    assert [batch.records for batch in recover(fd)] == [[b"W1", b"W2", b"b"]]
+    for size in (1000, 1):
+        while journal.append(b"x" * size):
+            pass
+    assert journal.set_preamble(b"W3", lambda: b"S")  # no room: compacted, the new region starts with it, once
+    assert [batch.records for batch in recover(fd)] == [[b"W3", b"S"]]

@@ -19,7 +19,8 @@ Rules it keeps:
 3. A section may have a *preamble*: a record every region it activates from then on starts with, so that the records
    that follow can be read in its context (verve: the window its ids belong to). Setting one appends it at once; if it
    does not fit, the region is sealed (takes no more records) until the next take, since a later record would be read
-   in the old context.
+   in the old context. Its length word carries PREAMBLE: a region holding preambles alone holds nothing to recover
+   (a dead worker that left only those needs no recovery, and its journal is not kept).
 4. A region is zeroed (its pages given back) up to where it was used before it is used again. An acknowledged
    region (and the one a compaction left) is unmarked first (recovery never reads a spare region) and zeroed
    afterwards by a task, a step at a time with the event loop given back between steps: punching 4 MiB at once held
@@ -43,6 +44,7 @@ REGIONS = 3
 WRITER_BYTES = 512
 NO_REGION = -1
 LENGTH = struct.Struct("<I")
+PREAMBLE = 1 << 31  # in a length word: the record is a preamble (rule 3)
 PAGE = mmap.PAGESIZE
 RELEASE_STEP = 1 << 20  # bytes of a used region zeroed per step of `release` (~0.3 ms here)
 
@@ -132,7 +134,7 @@ class Journal:
         self.pos = self._start(region)
         self.end = self.pos + self.region_bytes - LENGTH.size  # room for the zero length that ends a full region
         if self.preamble:
-            self.append(self.preamble)  # an empty region: it fits
+            self._append_preamble()  # an empty region: it fits
 
     def used_bytes(self) -> int:
         """How much of the active region is taken (it is compacted, or requests get 503, when full)."""
@@ -156,13 +158,26 @@ class Journal:
         return True
 
     def set_preamble(self, record: bytes, snapshot: Callable[[], bytes]) -> bool:
-        """Rule 3: from now on every region starts with `record`, and it is appended now. False when it does not fit
-        even after compacting: the region is then sealed until the next take (appends fail, requests get 503)."""
+        """Rule 3: from now on every region starts with `record`, and it is appended now (or starts the region a
+        compaction makes). False when neither fits: the region is then sealed until the next take (appends fail,
+        requests get 503)."""
         self.preamble = record
-        if self.append_or_compact(record, snapshot):
+        if self._append_preamble() or self.compact(snapshot):
             return True
         self.end = self.pos
         return False
+
+    def _append_preamble(self) -> bool:
+        """`append` of the preamble, its length word marked (rule 3)."""
+        record = self.preamble
+        pos = self.pos
+        end = pos + 4 + len(record)
+        if end > self.end:
+            return False
+        self.mm[pos + 4 : end] = record
+        LENGTH.pack_into(self.mm, pos, len(record) | PREAMBLE)  # after the body (rule 1)
+        self.pos = end
+        return True
 
     def append_or_compact(self, record: bytes, snapshot: Callable[[], bytes]) -> bool:
         """Append; on a full region compact it and append again. False when there is no room even so, and then no
@@ -274,16 +289,20 @@ class RecoveredBatch:
     records: list[bytes]
 
 
-def _records(mm: mmap.mmap, start: int, region_bytes: int) -> list[bytes]:
+def _records(mm: mmap.mmap, start: int, region_bytes: int) -> tuple[list[bytes], bool]:
+    """A region's records, and whether any is more than a preamble (rule 3)."""
     records = []
+    content = False
     pos, end = start, start + region_bytes - LENGTH.size
     while pos + 4 <= end:
-        (length,) = LENGTH.unpack_from(mm, pos)
+        (word,) = LENGTH.unpack_from(mm, pos)
+        length = word & ~PREAMBLE
         if length == 0 or pos + 4 + length > end:
             break
         records.append(mm[pos + 4 : pos + 4 + length])
+        content = content or not word & PREAMBLE
         pos += 4 + length
-    return records
+    return records, content
 
 
 def _recover_section(mm: mmap.mmap, name: str, base: int) -> list[RecoveredBatch]:
@@ -295,7 +314,8 @@ def _recover_section(mm: mmap.mmap, name: str, base: int) -> list[RecoveredBatch
     next_seq = _read(mm, base, _NEXT_SEQ)
 
     def region_records(region: int) -> list[bytes]:
-        return _records(mm, base + HEADER_BYTES + region * region_bytes, region_bytes)
+        records, content = _records(mm, base + HEADER_BYTES + region * region_bytes, region_bytes)
+        return records if content else []
 
     batches = []
     if in_flight != NO_REGION:
