@@ -78,6 +78,7 @@ class Settings:
         32,
         "MiB per crash-journal region (3 per worker, memory used as filled); 0 turns the journal off",
         minimum=0,
+        maximum=2047,  # a record's 4-byte length keeps its top bit for a mark (fastcount/store/journal.py, rule 3)
     )
     max_body: int = _knob(65_536, "largest request body in bytes; larger gets 413", minimum=1)
     max_header_bytes: int = _knob(8_192, "largest request line + header section in bytes; larger gets 431", minimum=256)
