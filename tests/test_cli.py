@@ -67,6 +67,7 @@ UNKNOWN = "which fastcount does not know (see fastcount serve --help)"
         (["--port", "99999"], {}, "--port must be from 0 to 65535, got 99999"),
         (["--admin-port", "70000"], {}, "--admin-port must be from 0 to 65535, got 70000"),
         (["--flush-interval", "0.001"], {}, "--flush-interval must be >= 0.01, got 0.001"),
+        (["--crash-journal-mb", "2048"], {}, "--crash-journal-mb must be from 0 to 2047, got 2048"),
         (["--reuse-port", "maybe"], {}, "--reuse-port expects true/false, got 'maybe'"),
         (["--port", "http"], {}, "--port expects an integer, got 'http'"),
         (["--flush-interval", "nan"], {}, "--flush-interval must be a finite number, got nan"),
