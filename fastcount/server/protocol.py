@@ -259,9 +259,15 @@ class HttpProtocol(asyncio.Protocol):
         if sampled:
             started = perf_counter()
         try:
-            # (`find`, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an integer and builds a
-            # TypeError it then drops, about 1,300 of its 1,850 instructions.)
-            if len(data) <= self.lean_max and not self.in_message and self.unparsed is None and data.find(b"100-") < 0:
+            # (`partition`, not `in` nor `find`: CPython 3.11's `bytes in bytes` first tries the needle as an integer
+            # and builds a TypeError it then drops, about 1,300 of its 1,850 instructions, and `find` parses its
+            # arguments into a tuple, ~470 instructions more than `partition`, which takes one.)
+            if (
+                len(data) <= self.lean_max
+                and not self.in_message
+                and self.unparsed is None
+                and not data.partition(b"100-")[1]
+            ):
                 # The common case, inline: whole requests in one small read, handled by the lean parser (rule 6).
                 handled_before = self.requests
                 lean_error = None
@@ -558,13 +564,11 @@ class HttpProtocol(asyncio.Protocol):
         path, query = url, b""
         if route is None:
             # A query string: its path alone is most often an exact route (GET /api/verve/accept?id=...).
-            query_at = url.find(b"?")
-            if query_at != -1:
-                path = url[:query_at]  # (set again below if it is no exact route)
+            # (partition: one call, no argument parsing; find and two slices cost ~60 ns more)
+            path, question, query = url.partition(b"?")  # (both set again below if it is no exact route)
+            if question:
                 table = exact.get(path)
                 route = table.get(method) if table is not None else None
-                if route is not None:
-                    query = url[query_at + 1 :]
             if route is None:
                 path, query, target = state.router.resolve_target(method, url)
                 if isinstance(target, Response):
